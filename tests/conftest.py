@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# Tests talk to local servers only; no usage telemetry.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -26,3 +34,136 @@ def sample_images() -> list[Path]:
     """The 1000 real ImageNet JPEGs, sorted by name."""
     assert SAMPLE_IMAGES.exists(), f"sample images not found at {SAMPLE_IMAGES}"
     return sorted(SAMPLE_IMAGES.glob("*.JPEG"))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """A real S3 endpoint: moto's ThreadedMotoServer on 127.0.0.1, for the whole session."""
+    import os
+
+    from moto.server import ThreadedMotoServer
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_storage_options(moto_endpoint) -> dict:
+    """storage_options for s3fs against the moto server, with its test credentials."""
+    return {
+        "endpoint_url": moto_endpoint,
+        "key": "testing",
+        "secret": "testing",
+    }
+
+
+@pytest.fixture
+def s3_bucket(moto_endpoint, s3_storage_options):
+    """A fresh, empty bucket name on the moto server."""
+    import uuid
+
+    import s3fs
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_storage_options)
+    fs.mkdir(name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A temporary Prefect server and database for flow tests."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture
+def image_folder(tmp_path, sample_images):
+    """A folder of 12 real JPEGs (in two sub-folders) plus three broken files."""
+    import shutil
+
+    folder = tmp_path / "source"
+    for number, path in enumerate(sample_images[:: len(sample_images) // 12][:12]):
+        target = folder / ("a" if number % 2 else "b") / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+    (folder / "truncated.jpg").write_bytes(sample_images[0].read_bytes()[:2000])
+    (folder / "empty.JPG").write_bytes(b"")
+    (folder / "notes.jpg").write_text("this is a text file, not an image")
+    (folder / "readme.txt").write_text("not listed: not an image extension")
+    return folder
+
+
+def wait_for(predicate, timeout: float, what: str, process=None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"{what}: process exited with {process.returncode}")
+        try:
+            if predicate():
+                return
+        except Exception:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=2) as response:
+        return response.status == 200
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    """`prefect server start` on a free loopback port, with its own PREFECT_HOME."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_URL": "",
+    }
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-ui",
+            "--analytics-off",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_for(lambda: http_ok(f"{api}/health"), 120, "prefect server", server)
+        yield {**env, "PREFECT_API_URL": api, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    finally:
+        server.terminate()
+        server.wait(30)
+        log.close()
