@@ -1,0 +1,88 @@
+"""Text proxies: one unit-norm embedding per class, the mean over prompt templates.
+
+open_clip's `build_zero_shot_classifier` does the work: it embeds every template filled with every
+class name, averages each class's normalised embeddings and re-normalises the mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from open_clip import build_zero_shot_classifier
+from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+Template = str | Callable[[str], str]
+
+TEMPLATES: dict[str, tuple[Template, ...]] = {
+    # The 7 templates the InMaP paper uses (a subset of OpenAI's chosen for ImageNet).
+    "paper": (
+        "itap of a {}.",
+        "a origami {}.",
+        "a bad photo of the {}.",
+        "a photo of the large {}.",
+        "a {} in a video game.",
+        "art of the {}.",
+        "a photo of the small {}.",
+    ),
+    # OpenAI's 80 ImageNet templates, as open_clip ships them.
+    "openai": tuple(OPENAI_IMAGENET_TEMPLATES),
+}
+
+
+def text_proxy(
+    model: torch.nn.Module,
+    tokenizer: Callable,
+    classnames: Sequence[str],
+    templates: str | Sequence[Template] = "paper",
+    device: str | torch.device | None = None,
+    batch_size: int = 10,
+) -> torch.Tensor:
+    """The (C, d) float32 text proxy on the CPU, unit rows, row c for `classnames[c]`.
+
+    templates: a name in TEMPLATES, or format strings with one `{}` and/or callables name -> text.
+    device: where to run the text encoder; the model's own device when None.
+    batch_size: classes per forward pass (each contributes one text per template)."""
+    templates = _resolve_templates(templates)
+    classnames = list(classnames)
+    if not classnames:
+        raise ValueError("no class names: give at least one")
+    empty = [i for i, name in enumerate(classnames) if not str(name).strip()]
+    if empty:
+        raise ValueError(f"class names at positions {empty} are empty")
+    if device is None:
+        device = next(model.parameters()).device
+    weights = build_zero_shot_classifier(
+        model,
+        tokenizer,
+        classnames,
+        templates,
+        num_classes_per_batch=batch_size,
+        device=device,
+    )  # (d, C)
+    # A half-precision model gives half-precision means; re-normalise after the cast.
+    return torch.nn.functional.normalize(weights.T.float(), dim=1).cpu()
+
+
+def _resolve_templates(templates: str | Sequence[Template]) -> list[Callable[[str], str]]:
+    if isinstance(templates, str):
+        if templates not in TEMPLATES:
+            raise ValueError(
+                f"unknown template set {templates!r}; choose from {', '.join(TEMPLATES)} "
+                "or pass a list of templates"
+            )
+        templates = TEMPLATES[templates]
+    templates = list(templates)
+    if not templates:
+        raise ValueError("no templates: give at least one")
+    resolved = []
+    for template in templates:
+        if isinstance(template, str):
+            if template.count("{}") != 1:
+                raise ValueError(f"template {template!r} must contain exactly one '{{}}'")
+            template = template.format
+        elif not callable(template):
+            raise TypeError(f"a template must be a str or callable, got {type(template).__name__}")
+        resolved.append(template)
+    # build_zero_shot_classifier takes all strings or all callables; callables cover both.
+    return resolved
