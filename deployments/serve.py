@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task-runner", choices=["thread", "dask"], default="thread")
     parser.add_argument("--dask-address", default=env("INMAP_DASK_ADDRESS"))
     args = parser.parse_args(argv)
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "inmap")  # progress in run logs
     parameters = json.loads(args.params) if args.params else {}
     for name in ("source", "classes", "output"):
         if getattr(args, name):

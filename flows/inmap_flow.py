@@ -143,7 +143,7 @@ def label_partition(
                 [wanted for _, wanted in todo],
                 *map(
                     unmapped,
-                    (proxy, output, spec, labelset, run_id, config.tau_i, top_k, storage_options),
+                    (proxy, output, spec, labelset, run_id, config, top_k, storage_options),
                 ),
             ).result()
         counts["predicted"] = sum(len(wanted) for _, wanted in todo)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 
@@ -152,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The embedded ephemeral server should not phone home (and logs errors when offline).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # inmap's own progress lines (embedding, proxy learning) go to Prefect's console and run logs.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "inmap")
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

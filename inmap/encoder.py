@@ -21,6 +21,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -56,6 +57,8 @@ TINY_MODEL_CONFIG = {
 
 # Values of `pretrained` (besides None) meaning "no weights": random initialisation, tests only.
 RANDOM_WEIGHTS = ("", "none", "random")
+RANDOM_WEIGHTS_SEED = 0  # random weights are reproducible across processes
+PROGRESS_SECONDS = 10.0  # how often a long shard logs its progress
 
 
 def _register_tiny_model() -> None:
@@ -191,9 +194,13 @@ def _load_encoder(model_name: str, pretrained: str | None, device: str, precisio
         if tag_config.get("quick_gelu", False) and not model_quick_gelu:
             create_kwargs["force_quick_gelu"] = True
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained, device=device, **create_kwargs
-        )
+        # Random weights are seeded: Dask workers, and reruns that mix cached and new shards, must
+        # all embed with the same model. The caller's random state is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=pretrained, device=device, **create_kwargs
+            )
     except (RuntimeError, OSError, AssertionError, KeyError, ValueError) as error:
         if schema is not None:
             raise WeightsUnavailableError(
@@ -370,6 +377,8 @@ def embed_images(
         num_workers=num_workers,
         read_workers=read_workers,
     )
+    done, started = 0, time.monotonic()
+    last_report = started
     for batch_items, results in batches:
         buffer.clear()
         for (uri, etag), result in zip(batch_items, results, strict=True):
@@ -385,6 +394,14 @@ def embed_images(
             sizes.append(size)
         if buffer.count:
             vectors.append(encoder.encode_pixels(buffer.filled()))
+        done += len(batch_items)
+        if time.monotonic() - last_report > PROGRESS_SECONDS or done == len(items):
+            last_report = time.monotonic()
+            rate = done / max(last_report - started, 1e-9)
+            logger.info(
+                "embedded %d/%d images (%d failed), %.1f img/s", done, len(items),
+                len(errors["uri"]), rate,
+            )  # fmt: skip
     embeddings = np.concatenate(vectors) if vectors else np.zeros((0, encoder.dim), np.float16)
     schema = with_json_metadata(embedding_schema(encoder.dim), **encoder.metadata())
     table = pa.table(

@@ -440,7 +440,7 @@ def predict_shard(
     *,
     labelset: str,
     run_id: str,
-    tau_i: float = ProxyConfig.tau_i,
+    config: ProxyConfig = ProxyConfig(),  # noqa: B008 - frozen dataclass
     top_k: int = 5,
     storage_options: dict | None = None,
 ) -> str | None:
@@ -451,8 +451,11 @@ def predict_shard(
     features = torch.from_numpy(_embedding_matrix(shard))
     classes = np.asarray(proxy.classes, dtype=object)
     k = min(top_k, len(classes))
-    inmap_pred = predict(features, torch.from_numpy(proxy.vision_proxy), top_k=k, tau=tau_i)
-    zero_shot = predict(features, torch.from_numpy(proxy.text_proxy), top_k=1, tau=tau_i)
+    # Scores are probabilities at each proxy's own temperature: tau_i for the vision proxy it was
+    # learned with, tau_t (CLIP's 1/100) for the text proxy.
+    vision = torch.from_numpy(proxy.vision_proxy)
+    inmap_pred = predict(features, vision, top_k=k, tau=config.tau_i)
+    zero_shot = predict(features, torch.from_numpy(proxy.text_proxy), top_k=1, tau=config.tau_t)
     top_ids = inmap_pred.top_k_ids.numpy()
     n = len(shard)
     table = pa.table(

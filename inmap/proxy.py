@@ -54,7 +54,9 @@ refused.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -67,6 +69,9 @@ ArrayLike = torch.Tensor | np.ndarray
 # (n, d) matrix | callable returning a fresh iterator of (n_i, d) shards | list of shards |
 # embedding-shard Parquet URI(s) (column `embedding`, see inmap.schemas.embedding_schema).
 ImageFeatures = ArrayLike | str | Sequence[ArrayLike] | Sequence[str] | Callable[[], Iterable]
+
+logger = logging.getLogger(__name__)
+PROGRESS_SECONDS = 10.0  # how often a long fit logs its progress
 
 PRECISIONS = ("float32", "tf32", "bf16")
 UNIT_NORM_TOLERANCE = 1e-2  # float16 storage errs by ~1e-3; more than this means "not normalised"
@@ -195,7 +200,15 @@ def learn_proxy(
     n = images.n_images
     W = text_proxy.clone()  # (C, d)
     lr, previous_norm = config.lr, math.inf
+    started = last_report = time.monotonic()
     for step in range(1, config.iters + 1):
+        if time.monotonic() - last_report > PROGRESS_SECONDS:  # long CPU runs show they are alive
+            last_report = time.monotonic()
+            elapsed = last_report - started
+            logger.info(
+                "vision proxy: step %d/%d, lr %.3g, %.0fs elapsed, about %.0fs left",
+                step, config.iters, lr, elapsed, elapsed / (step - 1) * (config.iters - step + 1),
+            )  # fmt: skip
         G = proxy_gradient(images, W, target, config.tau_i)
         norm = float(torch.linalg.vector_norm(G))
         if norm > previous_norm:  # the paper's one safeguard against too large a step

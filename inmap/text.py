@@ -6,6 +6,7 @@ class name, averages each class's normalised embeddings and re-normalises the me
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import torch
@@ -13,6 +14,9 @@ from open_clip import build_zero_shot_classifier
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
 Template = str | Callable[[str], str]
+
+logger = logging.getLogger(__name__)
+PROGRESS_CLASSES = 100  # classes encoded between progress lines
 
 TEMPLATES: dict[str, tuple[Template, ...]] = {
     # The 7 templates the InMaP paper uses (a subset of OpenAI's chosen for ImageNet).
@@ -52,16 +56,19 @@ def text_proxy(
         raise ValueError(f"class names at positions {empty} are empty")
     if device is None:
         device = next(model.parameters()).device
-    weights = build_zero_shot_classifier(
-        model,
-        tokenizer,
-        classnames,
-        templates,
-        num_classes_per_batch=batch_size,
-        device=device,
-    )  # (d, C)
+    chunks = []
+    # Classes are independent, so encoding them in chunks changes nothing but lets a long CPU run
+    # (1000 classes x 80 templates) report progress.
+    for start in range(0, len(classnames), PROGRESS_CLASSES):
+        chunk = classnames[start : start + PROGRESS_CLASSES]
+        weights = build_zero_shot_classifier(
+            model, tokenizer, chunk, templates, num_classes_per_batch=batch_size, device=device
+        )  # (d, C_chunk)
+        chunks.append(weights.T.float().cpu())
+        if len(classnames) > PROGRESS_CLASSES:
+            logger.info("text proxy: %d/%d classes", start + len(chunk), len(classnames))
     # A half-precision model gives half-precision means; re-normalise after the cast.
-    return torch.nn.functional.normalize(weights.T.float(), dim=1).cpu()
+    return torch.nn.functional.normalize(torch.cat(chunks), dim=1)
 
 
 def _resolve_templates(templates: str | Sequence[Template]) -> list[Callable[[str], str]]:

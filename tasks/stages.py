@@ -11,12 +11,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
-from inmap.proxy import ProxyConfig
 from prefect import task
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 
 from inmap import pipeline, storage
 from inmap.pipeline import ModelSpec, ProxyArtifact, ShardPlan, ShardResult
+from inmap.proxy import ProxyConfig
 
 # Object stores fail transiently; back off a little more each time.
 STORAGE_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}
@@ -99,7 +99,7 @@ def predict_shard(
     spec: ModelSpec,
     labelset: str,
     run_id: str,
-    tau_i: float,
+    config: ProxyConfig,
     top_k: int,
     storage_options: dict | None,
 ) -> str | None:
@@ -111,7 +111,7 @@ def predict_shard(
         spec,
         labelset=labelset,
         run_id=run_id,
-        tau_i=tau_i,
+        config=config,
         top_k=top_k,
         storage_options=storage_options,
     )

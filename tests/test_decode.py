@@ -231,7 +231,9 @@ def test_normalize_matches_torchvision_to_tensor_and_normalize(sample_images):
 
     reference = transform.transforms[-1](transform.transforms[-2](Image.fromarray(pixels.numpy())))
 
-    assert torch.equal(normalize(pixels[None], preprocessing)[0], reference)
+    torch.testing.assert_close(
+        normalize(pixels[None], preprocessing)[0], reference, atol=1e-6, rtol=0
+    )
 
 
 def test_preprocessing_id_changes_with_what_shapes_the_pixels():

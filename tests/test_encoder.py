@@ -28,7 +28,6 @@ from inmap.encoder import (
     load_encoder,
 )
 from inmap.schemas import ERRORS_SCHEMA, embedding_schema, json_metadata
-from tests.test_storage import new_bucket
 
 
 @pytest.fixture(scope="module")
@@ -273,8 +272,10 @@ def test_batch_size_and_worker_count_do_not_change_embeddings(tiny, sample_image
     )
 
 
-def test_images_in_s3_embed_like_local_files(tiny, sample_images, s3_storage_options, tmp_path):
-    root = new_bucket(s3_storage_options)
+def test_images_in_s3_embed_like_local_files(
+    tiny, sample_images, s3_bucket, s3_storage_options, tmp_path
+):
+    root = f"s3://{s3_bucket}"
     local_items, s3_items = [], []
     for path in sample_images[:6]:
         url = f"{root}/drop/{path.name}"
@@ -359,3 +360,28 @@ def test_torch_thread_limit_nests_and_restores():
             assert torch.get_num_threads() == 1
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+def test_random_weights_are_the_same_in_every_process():
+    """Dask workers and reruns mixing cached shards must embed with one and the same model."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, warnings; warnings.simplefilter('ignore');"
+        "torch.manual_seed(1234);"
+        "from inmap.encoder import load_encoder;"
+        "e = load_encoder('inmap-tiny', None, device='cpu');"
+        "print(float(sum(p.double().sum() for p in e.model.parameters())));"
+        "print(torch.rand(1).item())"
+    )
+    runs = [
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+        for _ in range(2)
+    ]
+    weights = [run.stdout.split()[0] for run in runs]
+    assert weights[0] == weights[1]
+    # The caller's own random stream is left as it was (seeded 1234 above).
+    torch_state_after = [run.stdout.split()[1] for run in runs]
+    torch.manual_seed(1234)
+    assert float(torch_state_after[0]) == pytest.approx(torch.rand(1).item())

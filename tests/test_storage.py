@@ -19,21 +19,10 @@ from inmap.schemas import MANIFEST_SCHEMA
 from inmap.storage import StorageError
 
 
-def new_bucket(s3_storage_options: dict) -> str:
-    """Create a fresh, empty bucket on the moto server; returns its s3:// URL."""
-    import s3fs
-
-    bucket = f"test-{uuid.uuid4().hex[:12]}"
-    # No region: s3fs would send LocationConstraint=us-east-1, which S3 (and moto) refuse.
-    options = {key: value for key, value in s3_storage_options.items() if key != "client_kwargs"}
-    s3fs.S3FileSystem(skip_instance_cache=True, **options).mkdir(bucket)
-    return f"s3://{bucket}"
-
-
 @pytest.fixture
-def s3_root(s3_storage_options) -> str:
+def s3_root(s3_bucket) -> str:
     """s3://<a fresh, empty bucket> on conftest's moto server."""
-    return new_bucket(s3_storage_options)
+    return f"s3://{s3_bucket}"
 
 
 def _touch(path, data: bytes = b"x") -> None:
