@@ -122,6 +122,7 @@ def label_partition(
     staged: list[str | None] = []
     predicted_labels: Counter[str] = Counter()
     changed = 0
+    warnings: list[str] = []
     todo = pipeline.plan_predictions(manifest, output, spec, labelset, storage_options)
     if todo:
         with _timed(seconds, "text proxy"):
@@ -147,7 +148,9 @@ def label_partition(
                 ),
             ).result()
         counts["predicted"] = sum(len(wanted) for _, wanted in todo)
-        predicted_labels, changed = pipeline.staged_label_counts(staged, storage_options)
+        predicted_labels, changed, warnings = pipeline.staged_statistics(staged, storage_options)
+        for warning in warnings:
+            logger.warning(warning)
     elif not len(manifest):
         logger.warning("no images found under %s: nothing to label", source)
     else:
@@ -162,6 +165,7 @@ def label_partition(
         "counts": counts,
         "label_histogram": dict(predicted_labels.most_common()),
         "changed_from_zero_shot": changed,
+        "warnings": warnings,
         "proxy_id": proxy.proxy_id if proxy else None,
         "proxy_stats": proxy.stats if proxy else None,
         "stage_seconds": seconds,

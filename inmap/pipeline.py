@@ -559,19 +559,24 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S") + "-" + hashlib.sha256(os.urandom(8)).hexdigest()[:8]
 
 
-def staged_label_counts(
+def staged_statistics(
     staged_parts: Sequence[str | None], storage_options: dict | None = None
-) -> tuple[Counter[str], int]:
-    """Label histogram of a run's staged predictions, and how many differ from zero-shot."""
+) -> tuple[Counter[str], int, list[str]]:
+    """A run's label histogram, how many labels differ from zero-shot, and its warnings."""
+    from inmap.refine import disagreement_warning
+
     parts = [part for part in staged_parts if part]
     if not parts:
-        return Counter(), 0
-    table = storage.read_table(
-        parts, columns=["label", "zero_shot_label"], storage_options=storage_options
-    )
-    labels = table["label"].to_pylist()
+        return Counter(), 0, []
+    columns = ["label", "class_id", "zero_shot_label", "zero_shot_class_id", "zero_shot_score"]
+    table = storage.read_table(parts, columns=columns, storage_options=storage_options)
     changed = pc.sum(pc.not_equal(table["label"], table["zero_shot_label"])).as_py() or 0
-    return Counter(labels), int(changed)
+    warning = disagreement_warning(
+        table["zero_shot_class_id"].to_numpy(),
+        table["zero_shot_score"].to_numpy(),
+        table["class_id"].to_numpy(),
+    )
+    return Counter(table["label"].to_pylist()), int(changed), [warning] if warning else []
 
 
 def summary_markdown(summary: dict) -> str:

@@ -91,3 +91,42 @@ def test_uncommitted_predictions_are_invisible(tmp_path):
     assert json.loads(Path(summary_uri).read_text())["run_id"] == "run1"
     assert (tmp_path / "predictions" / "ls1" / "run1" / "part-a.parquet").exists()
     assert not (tmp_path / "_staging" / "run1" / "part-a.parquet").exists()
+
+
+def staged_part(tmp_path, name: str, class_ids: list[int], zero_shot_ids: list[int]) -> str:
+    n = len(class_ids)
+    labels = ["cat", "dog"]
+    table = pa.table(
+        {
+            "uri": [f"u{i}" for i in range(n)],
+            "etag": ["e"] * n,
+            "label": [labels[i] for i in class_ids],
+            "class_id": pa.array(class_ids, pa.int32()),
+            "score": pa.array([0.9] * n, pa.float32()),
+            "zero_shot_label": [labels[i] for i in zero_shot_ids],
+            "zero_shot_class_id": pa.array(zero_shot_ids, pa.int32()),
+            "zero_shot_score": pa.array([0.99] * n, pa.float32()),
+            "top_k_labels": [[labels[i]] for i in class_ids],
+            "top_k_class_ids": [[i] for i in class_ids],
+            "top_k_scores": [[0.9]] * n,
+            "run_id": ["r"] * n,
+            "model": ["m"] * n,
+            "pretrained": ["p"] * n,
+            "proxy_id": ["x"] * n,
+            "labelset": ["l"] * n,
+        },
+        schema=pipeline.PREDICTIONS_SCHEMA,
+    )
+    uri = str(tmp_path / name)
+    pipeline.storage.write_parquet_atomic(table, uri)
+    return uri
+
+
+def test_run_warns_when_the_proxy_overrules_confident_zero_shot(tmp_path):
+    agree = staged_part(tmp_path, "agree.parquet", [0] * 50 + [1] * 50, [0] * 50 + [1] * 50)
+    histogram, changed, warnings = pipeline.staged_statistics([agree, None])
+    assert histogram == {"cat": 50, "dog": 50} and changed == 0 and warnings == []
+    overruled = staged_part(tmp_path, "overruled.parquet", [1] * 100, [0] * 50 + [1] * 50)
+    histogram, changed, warnings = pipeline.staged_statistics([overruled])
+    assert changed == 50
+    assert len(warnings) == 1
