@@ -15,11 +15,32 @@ from prefect import task
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 
 from inmap import pipeline, storage
-from inmap.pipeline import ModelSpec, ProxyArtifact, ShardPlan, ShardResult
+from inmap.encoder import ModelNotFoundError, WeightsUnavailableError
+from inmap.pipeline import ClassesError, ModelSpec, ProxyArtifact, ShardPlan, ShardResult
 from inmap.proxy import ProxyConfig
 
+# Mistakes in the input do not go away by waiting: an unknown model, weights that cannot be
+# downloaded (which already retried inside the Hugging Face client), a bad class list.
+NOT_TRANSIENT = (ModelNotFoundError, WeightsUnavailableError, ClassesError)
+
+
+def is_transient(task, task_run, state) -> bool:
+    """Prefect retry condition: retry everything but input mistakes."""
+    try:
+        state.result(raise_on_failure=True)
+    except NOT_TRANSIENT:
+        return False
+    except Exception:
+        return True
+    return True
+
+
 # Object stores fail transiently; back off a little more each time.
-STORAGE_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}
+STORAGE_RETRIES = {
+    "retries": 3,
+    "retry_delay_seconds": [2, 10, 30],
+    "retry_condition_fn": is_transient,
+}
 
 
 @task(name="list-images", cache_policy=NO_CACHE, **STORAGE_RETRIES)

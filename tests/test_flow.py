@@ -11,7 +11,7 @@ import pytest
 
 from flows.inmap_flow import inmap_flow
 from inmap import pipeline, storage
-from inmap.pipeline import ModelSpec
+from inmap.pipeline import ClassesError, ModelSpec
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -132,3 +132,22 @@ def test_proxy_artifact_records_pseudo_label_statistics(image_folder, tmp_path):
     assert proxy.vision_proxy.shape == proxy.text_proxy.shape
     assert 0 <= proxy.stats["zero_shot_agreement"] <= 1
     assert ModelSpec("inmap-tiny", None).key in str(embedding_files(output)[0])
+
+
+def test_unknown_model_fails_with_close_matches(image_folder, tmp_path):
+    from inmap.encoder import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match="ViT-B-32"):
+        run(image_folder, tmp_path / "out", model="ViT-B-23")
+
+
+def test_input_mistakes_are_not_retried_but_storage_failures_are():
+    from prefect.states import Failed
+
+    from inmap.encoder import ModelNotFoundError, WeightsUnavailableError
+    from tasks.stages import is_transient
+
+    for mistake in (ModelNotFoundError("m"), WeightsUnavailableError("w"), ClassesError("c")):
+        assert not is_transient(None, None, Failed(data=mistake))
+    assert is_transient(None, None, Failed(data=OSError("connection reset")))
+    assert is_transient(None, None, Failed(data=storage.StorageError("s3://b: timed out")))
