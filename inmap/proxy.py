@@ -89,7 +89,9 @@ class ProxyConfig:
     lr: float = 10.0
     iters: int = 2000
     sinkhorn_iters: int = 20
-    refine: str = "sinkhorn"  # a name in PSEUDO_LABELERS
+    # A name in PSEUDO_LABELERS. "adaptive" (inmap.refine) is Sinkhorn on balanced drops and never
+    # forces a uniform class marginal on skewed ones; "sinkhorn" is the paper's exact method.
+    refine: str = "adaptive"
     tol: float = 1e-4  # stop once W can move less than this (radians) in the remaining steps
     precision: str = "float32"  # "float32" | "tf32" | "bf16" (see module docstring)
     memory_budget: int = 1 << 30  # bytes of float32 embeddings to keep rather than re-read
@@ -570,3 +572,8 @@ def _matmul_precision(precision: str, device: torch.device) -> Iterator[None]:
             yield
         finally:
             matmul.allow_tf32 = previous
+
+
+# Registers refine="adaptive", the default, whenever this module is imported. Last, because
+# inmap.refine imports the registry above.
+import inmap.refine  # noqa: E402, F401
