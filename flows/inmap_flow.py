@@ -7,6 +7,7 @@ rerun resumes from the content-addressed shards already written.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import Counter
@@ -23,6 +24,10 @@ from inmap.encoder import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from inmap.pipeline import ModelSpec
 from inmap.proxy import ProxyConfig
 from tasks import stages
+
+# inmap's own progress lines (embedding, text proxy, proxy learning) are INFO: show them. With
+# PREFECT_LOGGING_EXTRA_LOGGERS=inmap (set by the CLI and deployments.serve) they reach run logs.
+logging.getLogger("inmap").setLevel(logging.INFO)
 
 
 @contextmanager
