@@ -13,37 +13,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
 import sys
 import time
 import tracemalloc
-import urllib.request
 
 import pyarrow as pa
 import s3fs
+from embed import start_moto  # benchmarks run as scripts: this folder is on sys.path
 
 from inmap import pipeline, storage
 from inmap.pipeline import ModelSpec
-
-
-def start_moto() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            break
-        except OSError:
-            time.sleep(0.2)
-    return server, endpoint
 
 
 def fill(fs: s3fs.S3FileSystem, bucket: str, start: int, stop: int) -> None:

@@ -128,13 +128,16 @@ def label_partition(
     predicted_labels: Counter[str] = Counter()
     changed = 0
     warnings: list[str] = []
-    todo = pipeline.plan_predictions(manifest, output, spec, labelset, storage_options)
+    # One index of the embeddings after this run's embedding, for learning and for prediction.
+    index = stages.index_embeddings(output, spec, storage_options)
+    todo = stages.plan_predictions(manifest, index, output, labelset, storage_options)
     if todo:
         with _timed(seconds, "text proxy"):
             text_proxy = stages.build_text_proxy(classes, spec, templates)
         with _timed(seconds, "learn"):
             proxy = stages.learn_proxy(
                 manifest,
+                index,
                 text_proxy,
                 classes,
                 config,

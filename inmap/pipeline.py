@@ -151,14 +151,6 @@ def embedding_dir(output: str, spec: ModelSpec) -> str:
     return storage.join(output, "embeddings", spec.key)
 
 
-def _read_column_pairs(urls: list[str], storage_options: dict | None, **extra: str) -> pa.Table:
-    if not urls:
-        return pa.table({"uri": pa.array([], pa.string()), "etag": pa.array([], pa.string())})
-    return storage.read_table(
-        urls, columns=["uri", "etag", *extra], storage_options=storage_options
-    )
-
-
 def embedding_index(output: str, spec: ModelSpec, storage_options: dict | None = None) -> pa.Table:
     """(uri, etag, shard_uri) of every image already embedded with `spec` under `output`."""
     shard_uris = storage.glob(
@@ -184,7 +176,7 @@ def known_failures(output: str, storage_options: dict | None = None) -> pa.Table
     """
     urls = storage.glob(storage.join(output, "errors", "*.parquet"), storage_options)
     if not urls:
-        return _read_column_pairs([], storage_options)
+        return empty_manifest().select(["uri", "etag"])
     errors = storage.read_table(
         urls, columns=["uri", "etag", "stage"], storage_options=storage_options
     )
@@ -487,14 +479,17 @@ def predict_shard(
 
 def plan_predictions(
     manifest: pa.Table,
+    index: pa.Table,
     output: str,
-    spec: ModelSpec,
     labelset: str,
     storage_options: dict | None = None,
 ) -> list[tuple[str, pa.Table]]:
-    """(embedding shard, its images to label) for the listed images with no committed prediction."""
+    """(embedding shard, its images to label) for the listed images with no committed prediction.
+
+    `index` is `embedding_index` after this run's embedding.
+    """
     done = committed_predictions(output, labelset, storage_options, columns=["uri", "etag"])
-    located = semi_join(embedding_index(output, spec, storage_options), anti_join(manifest, done))
+    located = semi_join(index, anti_join(manifest, done))
     return [
         (shard_uri, located.filter(pc.equal(located["shard_uri"], shard_uri)))
         for shard_uri in sorted(set(located["shard_uri"].to_pylist()))

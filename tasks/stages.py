@@ -81,9 +81,15 @@ def build_text_proxy(
     return pipeline.build_text_proxy(classes, spec, templates)
 
 
+@task(name="index-embeddings", cache_policy=NO_CACHE, **STORAGE_RETRIES)
+def index_embeddings(output: str, spec: ModelSpec, storage_options: dict | None) -> pa.Table:
+    return pipeline.embedding_index(output, spec, storage_options)
+
+
 @task(name="learn-proxy", cache_policy=NO_CACHE, **STORAGE_RETRIES)
 def learn_proxy(
     manifest: pa.Table,
+    index: pa.Table,
     text_proxy: np.ndarray,
     classes: Sequence[str],
     config: ProxyConfig,
@@ -92,7 +98,6 @@ def learn_proxy(
     spec: ModelSpec,
     storage_options: dict | None,
 ) -> ProxyArtifact:
-    index = pipeline.embedding_index(output, spec, storage_options)
     rows = pipeline.training_rows(manifest, index, max_train_images)
     return pipeline.learn_proxy(
         rows, text_proxy, classes, config, output, spec, storage_options=storage_options
@@ -101,9 +106,9 @@ def learn_proxy(
 
 @task(name="plan-predictions", cache_policy=NO_CACHE, **STORAGE_RETRIES)
 def plan_predictions(
-    manifest: pa.Table, output: str, spec: ModelSpec, labelset: str, storage_options: dict | None
+    manifest: pa.Table, index: pa.Table, output: str, labelset: str, storage_options: dict | None
 ) -> list[tuple[str, pa.Table]]:
-    return pipeline.plan_predictions(manifest, output, spec, labelset, storage_options)
+    return pipeline.plan_predictions(manifest, index, output, labelset, storage_options)
 
 
 @task(
