@@ -14,8 +14,8 @@ OpenMP threads from spinning on cores that other processes need.
 - naive: what a first script does (and clip-retrieval's files mode, per image): in the main thread,
   one image at a time, open the file (s3fs `fs.open` for S3), PIL decode, `.convert("RGB")`,
   open_clip's preprocess; end to end, stack `--batch-size` of them and run the model.
-- inmap: `inmap.encoder.decode_batches` (concurrent reads, decode + resize in worker threads, JPEG
-  draft) and, end to end, `inmap.encoder.embed_images`.
+- inmap: `inmap.batches.decode_batches` (concurrent reads, decode + resize in worker threads, JPEG
+  draft) and, end to end, `inmap.batches.embed_images`.
 Decode-only stops at a normalised float batch for both, i.e. the same model input.
 """
 
@@ -40,14 +40,9 @@ import torch
 from PIL import Image
 
 from inmap import storage
+from inmap.batches import decode_batches, default_num_workers, embed_images
 from inmap.decode import Preprocessing, decode_pixels, normalize
-from inmap.encoder import (
-    RandomWeightsWarning,
-    decode_batches,
-    default_num_workers,
-    embed_images,
-    load_encoder,
-)
+from inmap.encoder import RandomWeightsWarning, load_encoder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # ../shared next to the checkout here; shared/ inside it on machines that copy the tree.
@@ -154,15 +149,15 @@ def inmap_decode(encoder, uris, storage_options, batch_size, workers) -> int:
 
 
 def inmap_end_to_end(encoder, uris, storage_options, batch_size, workers) -> int:
-    embeddings, errors = embed_images(
+    result = embed_images(
         encoder,
         [(uri, "") for uri in uris],
         storage_options=storage_options,
         batch_size=batch_size,
         num_workers=workers,
     )
-    assert len(errors) == 0, errors.to_pylist()[:3]
-    return len(embeddings)
+    assert not result.failures, result.failures[:3]
+    return len(result.embeddings)
 
 
 def measure(runs: list, expected: int, repeat: int) -> list[tuple[float, float]]:
@@ -202,7 +197,9 @@ def draft_check(encoder, paths: list[Path], margins: list[float], batch_size: in
     """Cosine of draft-decoded vs fully decoded embeddings, on the images draft actually shrinks."""
     items = [(str(path), "") for path in paths]
     full_pre = replace(encoder.preprocessing, draft=False)
-    full, _ = embed_images(replace(encoder, preprocessing=full_pre), items, batch_size=batch_size)
+    full = embed_images(
+        replace(encoder, preprocessing=full_pre), items, batch_size=batch_size
+    ).embeddings
     full_vectors = _matrix(full)
     rng = np.random.default_rng(0)
     others = rng.permutation(len(paths))
@@ -226,9 +223,9 @@ def draft_check(encoder, paths: list[Path], margins: list[float], batch_size: in
         }
         if shrunk:
             subset = [items[i] for i in shrunk]
-            drafted, _ = embed_images(
+            drafted = embed_images(
                 replace(encoder, preprocessing=pre), subset, batch_size=batch_size
-            )
+            ).embeddings
             cosine = (_matrix(drafted) * full_vectors[shrunk]).sum(1)
             psnr = [_psnr(paths[i].read_bytes(), pre, full_pre) for i in shrunk[:200]]
             row.update(

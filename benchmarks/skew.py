@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from inmap.config import ProxyConfig
 from inmap.evaluate import DEFAULT_METHODS, SCENARIOS, LabeledSet, format_table, run_eval
-from inmap.proxy import ProxyConfig
 
 DEV_SET = (
     Path(__file__).resolve().parents[1].parent / "shared" / "data" / "clip-vitb32-imagenet500.npz"

@@ -1,11 +1,13 @@
-"""Serve the `inmap/label-bucket` and `inmap/backfill` deployments from this process.
+"""Serve `inmap/label-bucket`, `inmap/backfill` and `inmap/maintain` from this process.
 
     python -m deployments.serve --source s3://bucket/drops --classes s3://bucket/classes.txt \\
-        --output s3://bucket/inmap --cron "*/15 * * * *"
+        --output s3://bucket/inmap --credentials-block prod-s3
 
 `label-bucket` runs on its cron schedule with at most one run at a time, labelling new drops;
-`backfill` runs only when asked (`prefect deployment run inmap/backfill --params ...`). Every flow
-parameter can also be given per run with `--params`.
+`backfill` runs only when asked (`prefect deployment run inmap/backfill --params ...`);
+`maintain` compacts the output's tables daily. Every flow parameter can also be given per run with
+`--params`. Secrets are never parameters: credentials come from this process's environment (AWS_*
+variables, AWS_PROFILE, roles) or from the Prefect block named by --credentials-block.
 """
 
 from __future__ import annotations
@@ -14,48 +16,71 @@ import argparse
 import json
 import os
 
-from prefect import serve
-from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from deployments.definitions import DEFINITIONS, SERVED_PARAMETERS, Definition
 
-from flows.inmap_flow import inmap_flow
-
-DEFAULT_CRON = "*/15 * * * *"
+# A served run whose process died is marked Crashed after missed heartbeats (see the README's
+# "When a run is killed"); the flow-run processes inherit this from the serving process.
+HEARTBEAT_SECONDS = "30"
 
 
 def build_deployments(
     *,
-    cron: str | None = DEFAULT_CRON,
     parameters: dict | None = None,
+    cron: dict[str, str | None] | None = None,
     task_runner: str = "thread",
     dask_address: str | None = None,
 ):
-    """The two deployments of the `inmap` flow. `parameters` become label-bucket's defaults."""
+    """The deployments of DEFINITIONS; `parameters` (source, classes, output, ...) become the
+    defaults of those that take them. `cron` overrides schedules by deployment name."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+    from inmap.credentials import refuse_secrets
+
+    parameters = dict(parameters or {})
+    refuse_secrets(parameters.get("storage_options"))
     # Served runs load the flow afresh in their own process, which reads these variables.
     os.environ["INMAP_TASK_RUNNER"] = task_runner
     if dask_address:
         os.environ["INMAP_DASK_ADDRESS"] = dask_address
-    flow = inmap_flow
-    parameters = parameters or {}
-    # A schedule without a source would fail every tick; serve it unscheduled instead.
-    scheduled = bool(cron) and {"source", "classes", "output"} <= parameters.keys()
-    label_bucket = flow.to_deployment(
-        name="label-bucket",
-        cron=cron if scheduled else None,
-        parameters=parameters,
-        # Scheduled runs never overlap: a tick that finds a run in progress waits for it.
-        concurrency_limit=ConcurrencyLimitConfig(
-            limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
-        ),
-        description="Label the images under a prefix that have no prediction yet.",
-        tags=["inmap"],
-    )
-    backfill = flow.to_deployment(
-        name="backfill",
-        parameters={k: v for k, v in parameters.items() if k != "source"},
-        description="Label whole archives: `source` is a list of prefixes, each its own partition.",
-        tags=["inmap", "backfill"],
-    )
-    return [label_bucket, backfill]
+    deployments = []
+    for definition in DEFINITIONS:
+        defaults = {
+            name: value
+            for name, value in parameters.items()
+            if name in definition.served_parameters
+            or (definition.takes_flow_parameters and name not in SERVED_PARAMETERS)
+        }
+        schedule = (cron or {}).get(definition.name, definition.cron)
+        # A schedule without its required parameters would fail every tick; serve unscheduled.
+        if not set(definition.required_for_schedule) <= defaults.keys():
+            schedule = None
+        limit = None
+        if definition.concurrency_limit:
+            limit = ConcurrencyLimitConfig(
+                limit=definition.concurrency_limit,
+                collision_strategy=ConcurrencyLimitStrategy.ENQUEUE,
+            )
+        deployments.append(
+            _flow_of(definition).to_deployment(
+                name=definition.name,
+                cron=schedule,
+                parameters=defaults,
+                concurrency_limit=limit,
+                description=definition.description,
+                tags=list(definition.tags),
+            )
+        )
+    return deployments
+
+
+def _flow_of(definition: Definition):
+    if definition.entrypoint.endswith(":maintain_flow"):
+        from flows.maintain_flow import maintain_flow
+
+        return maintain_flow
+    from flows.inmap_flow import inmap_flow
+
+    return inmap_flow
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,29 +95,47 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", default=env("INMAP_OUTPUT"), help="output prefix")
     parser.add_argument(
         "--cron",
-        default=env("INMAP_CRON", DEFAULT_CRON),
-        help=f"label-bucket schedule (default {DEFAULT_CRON!r}; '' for none)",
+        default=env("INMAP_CRON"),
+        help="label-bucket's schedule (default '*/15 * * * *'; '' for none)",
+    )
+    parser.add_argument(
+        "--maintain-cron",
+        default=env("INMAP_MAINTAIN_CRON"),
+        help="maintain's schedule (default daily; '' for none)",
     )
     parser.add_argument(
         "--storage-options",
         default=env("INMAP_STORAGE_OPTIONS"),
-        help="JSON dict of fsspec/s3fs options, e.g. an endpoint_url",
+        help="JSON dict of non-secret fsspec/s3fs options, e.g. an endpoint_url",
+    )
+    parser.add_argument(
+        "--credentials-block",
+        default=env("INMAP_CREDENTIALS_BLOCK"),
+        help="name of a Prefect AwsCredentials block for S3",
     )
     parser.add_argument("--params", default=None, help="JSON dict of further flow parameters")
     parser.add_argument("--task-runner", choices=["thread", "dask"], default="thread")
     parser.add_argument("--dask-address", default=env("INMAP_DASK_ADDRESS"))
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "inmap")  # progress in run logs
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", HEARTBEAT_SECONDS)
     parameters = json.loads(args.params) if args.params else {}
-    for name in ("source", "classes", "output"):
+    for name in ("source", "classes", "output", "credentials_block"):
         if getattr(args, name):
             parameters[name] = getattr(args, name)
     if args.storage_options:
         parameters["storage_options"] = json.loads(args.storage_options)
+    cron = {}
+    if args.cron is not None:
+        cron["label-bucket"] = args.cron or None
+    if args.maintain_cron is not None:
+        cron["maintain"] = args.maintain_cron or None
+    from prefect import serve
+
     serve(
         *build_deployments(
-            cron=args.cron or None,
             parameters=parameters,
+            cron=cron,
             task_runner=args.task_runner,
             dask_address=args.dask_address,
         )

@@ -17,8 +17,9 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 # The public API, imported on first use so that `import inmap.storage` does not load torch.
 _EXPORTS = {
+    "FitOptions": "inmap.config",
     "Prediction": "inmap.proxy",
-    "ProxyConfig": "inmap.proxy",
+    "ProxyConfig": "inmap.config",
     "ProxyFit": "inmap.proxy",
     "fit_vision_proxy": "inmap.proxy",
     "learn_vision_proxy": "inmap.proxy",

@@ -26,6 +26,8 @@ import hashlib
 import io
 import json
 import math
+import threading
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -38,6 +40,11 @@ DECODE_VERSION = 1
 # Decode at reduced scale only while the reduced image keeps at least this many times the model's
 # input size on its short side. The final bicubic resize then still averages over >= 1.5 pixels.
 DRAFT_MARGIN = 1.5
+
+# Pixels being decoded at once, across all decode threads: a 79 KB PNG can declare 81 megapixels
+# (about 0.8 GB once decoded), and several threads decode at once. An image larger than the whole
+# budget still decodes, alone.
+DEFAULT_PIXEL_BUDGET = 256_000_000
 
 RESIZE_MODES = ("shortest", "squash")
 INTERPOLATIONS = ("bicubic", "bilinear")
@@ -90,6 +97,32 @@ class Preprocessing:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+class PixelBudget:
+    """A count of decoded pixels shared by decode threads; `hold(n)` waits until n fit."""
+
+    def __init__(self, limit: int = DEFAULT_PIXEL_BUDGET) -> None:
+        if limit < 1:
+            raise ValueError(f"the pixel budget must be at least 1, got {limit}")
+        self.limit = limit
+        self.in_use = 0
+        self.peak = 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        pixels = min(pixels, self.limit)  # one image over the budget decodes alone
+        with self._changed:
+            self._changed.wait_for(lambda: self.in_use + pixels <= self.limit)
+            self.in_use += pixels
+            self.peak = max(self.peak, self.in_use)
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.in_use -= pixels
+                self._changed.notify_all()
+
+
 def load_image(
     data: bytes, *, target_size: int | None = None, max_pixels: int | None = None
 ) -> Image.Image:
@@ -101,23 +134,30 @@ def load_image(
     before any pixel is decoded. Raises `DecodeError`.
     """
     draft_size = math.ceil(DRAFT_MARGIN * target_size) if target_size else None
-    image, _ = _decode(data, draft_size, max_pixels)
+    image, _, held = _decode(data, draft_size, max_pixels, None)
+    held.close()
     return image
 
 
 def decode_pixels(
-    data: bytes, preprocessing: Preprocessing, *, max_pixels: int | None = None
+    data: bytes,
+    preprocessing: Preprocessing,
+    *,
+    max_pixels: int | None = None,
+    budget: PixelBudget | None = None,
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Bytes -> (size, size, 3) uint8 tensor of model input and the image's full (width, height).
 
     The full size is that of the stored image after EXIF rotation, whatever scale it was decoded
-    at. Normalisation is left to `normalize`, on the model's device. Raises `DecodeError`.
+    at. Normalisation is left to `normalize`, on the model's device. With a `budget`, the image's
+    decoded pixels are held from decoding to the end of the resize. Raises `DecodeError`.
     """
     draft_size = None
     if preprocessing.draft:
         draft_size = math.ceil(preprocessing.draft_margin * preprocessing.size)
-    image, full_size = _decode(data, draft_size, max_pixels)
-    return resize_and_crop(image, preprocessing), full_size
+    image, full_size, held = _decode(data, draft_size, max_pixels, budget)
+    with held:
+        return resize_and_crop(image, preprocessing), full_size
 
 
 def resize_and_crop(image: Image.Image, preprocessing: Preprocessing) -> torch.Tensor:
@@ -176,9 +216,12 @@ def normalize(
 
 
 def _decode(
-    data: bytes, draft_size: int | None, max_pixels: int | None
-) -> tuple[Image.Image, tuple[int, int]]:
-    """Decode to RGB; JPEGs at the smallest DCT scale keeping both sides >= `draft_size`."""
+    data: bytes, draft_size: int | None, max_pixels: int | None, budget: PixelBudget | None
+) -> tuple[Image.Image, tuple[int, int], contextlib.ExitStack]:
+    """Decode to RGB; JPEGs at the smallest DCT scale keeping both sides >= `draft_size`.
+
+    Returns the image, its full size, and the budget hold to release once its pixels are done
+    with."""
     if not data:
         raise DecodeError("empty file (0 bytes)")
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
@@ -202,20 +245,35 @@ def _decode(
     full_size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
     if draft_size and image.format in ("JPEG", "MPO"):
         image.draft("RGB", (draft_size, draft_size))
+    held = contextlib.ExitStack()
+    if budget is not None:  # the decoded size: after draft, before any copy
+        held.enter_context(budget.hold(image.size[0] * image.size[1]))
+    with _release_on_error(held):
+        try:
+            image.load()
+        except Exception as error:  # truncated data, broken streams, bad tables
+            raise DecodeError(
+                f"corrupt or truncated image: {type(error).__name__}: {error}"
+            ) from None
+        if orientation not in (None, 1):
+            # A broken EXIF block should not lose an otherwise good photo.
+            with contextlib.suppress(Exception):
+                image = ImageOps.exif_transpose(image)
+        try:
+            return _to_rgb(image), full_size, held
+        except Exception as error:
+            raise DecodeError(
+                f"cannot convert {image.mode} image to RGB: {type(error).__name__}: {error}"
+            ) from None
+
+
+@contextlib.contextmanager
+def _release_on_error(held: contextlib.ExitStack) -> Iterator[None]:
     try:
-        image.load()
-    except Exception as error:  # truncated data, broken streams, bad tables
-        raise DecodeError(f"corrupt or truncated image: {type(error).__name__}: {error}") from None
-    if orientation not in (None, 1):
-        # A broken EXIF block should not lose an otherwise good photo.
-        with contextlib.suppress(Exception):
-            image = ImageOps.exif_transpose(image)
-    try:
-        return _to_rgb(image), full_size
-    except Exception as error:
-        raise DecodeError(
-            f"cannot convert {image.mode} image to RGB: {type(error).__name__}: {error}"
-        ) from None
+        yield
+    except BaseException:
+        held.close()
+        raise
 
 
 def _orientation(image: Image.Image) -> int | None:

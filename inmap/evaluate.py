@@ -4,27 +4,25 @@ A *drop* is a subset of a labelled set of image features, drawn to look like a r
 balanced, long-tailed, with classes absent, dominated by one class, made of a handful of classes,
 or smaller than the number of classes. `run_eval` draws each scenario over several seeds, labels
 each drop with every method, and returns top-1 accuracy per drop; `format_table` prints mean ± std
-over seeds and the worst seed against zero-shot. `inmap eval` is `add_eval_arguments` +
-`eval_command`.
+over seeds and the worst seed against zero-shot. Labelled sets come from `inmap.labeled`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import io
-import json
-import re
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from inmap.proxy import PSEUDO_LABELERS, ProxyConfig, fit_vision_proxy, predict
-from inmap.refine import decide
+from inmap.config import ProxyConfig
+from inmap.labeled import EvalInputError, LabeledSet
+
+if TYPE_CHECKING:  # torch loads when a drop is labelled, so `inmap --help` stays quick
+    import torch
+
+__all__ = ["EvalInputError", "LabeledSet", "format_table", "make_drop", "run_eval"]
 
 ZERO_SHOT = "zero-shot"
 DEFAULT_METHODS = (ZERO_SHOT, "sinkhorn", "adaptive")
@@ -43,33 +41,6 @@ SCENARIOS: dict[str, str] = {
     "handful": f"{HANDFUL_CLASSES} classes only, all of their images",
     "small": f"{SMALL_SHARE:g} x (number of classes) images drawn at random",
 }
-
-
-class EvalInputError(ValueError):
-    """The labelled set given to `inmap eval` cannot be used; the message says why."""
-
-
-@dataclass
-class LabeledSet:
-    """Unit-norm image features with their true class ids, and the text proxy of the classes."""
-
-    features: np.ndarray  # (n, d)
-    labels: np.ndarray  # (n,) int, in 0..C-1
-    text_proxy: np.ndarray  # (C, d)
-    classnames: list[str]
-
-    def __post_init__(self) -> None:
-        self.labels = np.asarray(self.labels, dtype=np.int64)
-        n, c = len(self.features), len(self.text_proxy)
-        if len(self.labels) != n:
-            raise EvalInputError(f"{n} feature rows but {len(self.labels)} labels")
-        if n and (self.labels.min() < 0 or self.labels.max() >= c):
-            raise EvalInputError(f"labels must be class ids in 0..{c - 1}")
-        if self.features.shape[1] != self.text_proxy.shape[1]:
-            raise EvalInputError(
-                f"image features have dimension {self.features.shape[1]} but the text proxy has "
-                f"{self.text_proxy.shape[1]}: they come from different models"
-            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,6 +95,9 @@ def label_drop(
     features: torch.Tensor, text_proxy: torch.Tensor, method: str, config: ProxyConfig
 ) -> np.ndarray:
     """Class ids for the images of one drop: zero-shot, or InMaP with `refine=method`."""
+
+    from inmap.proxy import fit_vision_proxy, predict
+
     if method == ZERO_SHOT:
         return (features @ text_proxy.T).argmax(1).numpy()
     _check_method(method)
@@ -132,6 +106,8 @@ def label_drop(
 
 
 def _check_method(method: str) -> None:
+    from inmap.proxy import PSEUDO_LABELERS
+
     if method != ZERO_SHOT and method not in PSEUDO_LABELERS:
         raise ValueError(
             f"unknown method {method!r}; choose from {ZERO_SHOT}, {', '.join(PSEUDO_LABELERS)}"
@@ -143,6 +119,10 @@ def _label_with_all(
 ) -> dict[str, np.ndarray]:
     """label_drop for each method; a method whose pseudo-labels equal an earlier method's on
     this drop (refine="adaptive" often picks Sinkhorn's or the plain ones) reuses its result."""
+    import torch
+
+    from inmap.proxy import PSEUDO_LABELERS
+
     logits = features @ text_proxy.T
     done: list[tuple[torch.Tensor, np.ndarray]] = []
     labels = {}
@@ -198,6 +178,10 @@ def run_eval(
 
     Drops that come out identical (e.g. "balanced" on a set with equal class counts) are labelled
     once and reused."""
+    import torch
+
+    from inmap.refine import decide
+
     config = config or ProxyConfig()
     features = torch.from_numpy(np.asarray(labeled.features, dtype=np.float32))
     features = torch.nn.functional.normalize(features, dim=1)
@@ -258,254 +242,3 @@ def format_table(table: EvalTable) -> str:
 
 def _mean_std(values: np.ndarray) -> str:
     return f"{values.mean():.2f} ± {values.std():.2f}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Labelled sets: npz, Parquet, or a folder of images
-
-_WNID_NAME = re.compile(r"^n\d{8}_(?P<name>.+)$")
-
-
-def label_from_path(uri: str) -> str:
-    """The class of a labelled image: from a `nXXXXXXXX_<class>.JPEG` file name when it has one,
-    else the name of the folder holding the image. Underscores become spaces."""
-    path = PurePosixPath(uri.split("://", 1)[-1])
-    match = _WNID_NAME.match(path.stem)
-    name = match["name"] if match else path.parent.name
-    return name.replace("_", " ")
-
-
-def class_ids(names: Sequence[str], classnames: Sequence[str]) -> np.ndarray:
-    """Map label names to class ids, case- and underscore-insensitively; unknown names fail."""
-
-    def key(name: str) -> str:
-        return name.replace("_", " ").strip().lower()
-
-    index: dict[str, int] = {}
-    for i, name in enumerate(classnames):
-        index.setdefault(key(name), i)
-    unknown = sorted({n for n in names if key(n) not in index})
-    if unknown:
-        shown = ", ".join(repr(n) for n in unknown[:5])
-        raise EvalInputError(
-            f"{len(unknown)} label(s) are not among the {len(classnames)} class names, e.g. "
-            f"{shown}; pass --classes with the full list of class names"
-        )
-    return np.array([index[key(n)] for n in names], dtype=np.int64)
-
-
-def _read_classes(source: str) -> list[str]:
-    from inmap import storage
-
-    text = storage.read_bytes(source).decode("utf-8")
-    if text.lstrip().startswith("["):
-        return [str(name) for name in json.loads(text)]
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def _build_text_proxy(
-    classnames: Sequence[str], model: str, pretrained: str | None, templates, device: str
-) -> np.ndarray:
-    """(C, d) zero-shot weights of `classnames` from the model's text tower."""
-    from inmap.encoder import load_encoder
-    from inmap.text import text_proxy
-
-    encoder = load_encoder(model, pretrained, device=device)
-    proxy = text_proxy(encoder.model, encoder.tokenizer, list(classnames), templates=templates)
-    return proxy.float().cpu().numpy()
-
-
-def load_labeled_set(
-    source: str,
-    *,
-    classes: Sequence[str] | None = None,
-    model: str | None = None,
-    pretrained: str | None = "default",
-    templates: str | list[str] = "paper",
-    device: str = "auto",
-    batch_size: int = 64,
-    text_proxy: str | None = None,
-    storage_options: dict | None = None,
-) -> LabeledSet:
-    """Load features and labels from `source`:
-
-    - an `.npz` with `image_features`, `labels` (class ids) and `classnames`, and optionally
-      `text_proxy` (else it is built with `model`);
-    - Parquet (a file or a folder of shards) with an `embedding` column and a `label` column
-      (class name or id), or a `uri` column whose paths carry the labels (`label_from_path`);
-    - a folder of images labelled by sub-folder or `nXXXXXXXX_<class>.JPEG` names, embedded with
-      `model` (default inmap.encoder.DEFAULT_MODEL and DEFAULT_PRETRAINED; None: random weights).
-
-    Class names come from `classes`, the npz, or the sorted distinct labels. `text_proxy` is an
-    optional `.npy` (C, d) array of zero-shot weights in class-name order; without it they are
-    built from the class names with `model` and `templates`."""
-    from inmap import encoder as encoders
-    from inmap import storage
-
-    model = model or encoders.DEFAULT_MODEL
-    if pretrained == "default":
-        pretrained = encoders.DEFAULT_PRETRAINED
-    if source.endswith(".npz"):
-        with np.load(source, allow_pickle=False) as data:
-            missing = {"image_features", "labels"} - set(data.files)
-            if missing:
-                raise EvalInputError(f"{source} lacks {sorted(missing)} (has {data.files})")
-            arrays = {key: data[key] for key in data.files}
-        classnames = list(classes or arrays.get("classnames", []))
-        if not classnames:
-            raise EvalInputError(f"{source} has no `classnames`; pass --classes")
-        text = _load_text_proxy(text_proxy, classnames) if text_proxy else arrays.get("text_proxy")
-        if text is None:
-            text = _build_text_proxy(classnames, model, pretrained, templates, device)
-        return LabeledSet(arrays["image_features"], arrays["labels"], text, classnames)
-
-    parquet = source.endswith(".parquet") or storage.glob(
-        storage.join(source, "*.parquet"), storage_options
-    )
-    if parquet:
-        uris = [source] if source.endswith(".parquet") else parquet
-        table = storage.read_table(uris, storage_options=storage_options)
-        if "embedding" not in table.column_names:
-            raise EvalInputError(f"{source} has no `embedding` column ({table.column_names})")
-        features = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
-        if "label" in table.column_names:
-            raw = table["label"].to_pylist()
-        elif "uri" in table.column_names:
-            raw = [label_from_path(uri) for uri in table["uri"].to_pylist()]
-        else:
-            raise EvalInputError(f"{source} has neither a `label` nor a `uri` column")
-    else:
-        manifest = storage.list_images(source, storage_options)
-        if len(manifest) == 0:
-            raise EvalInputError(f"no .npz, Parquet or images found at {source}")
-        encoder = encoders.load_encoder(model, pretrained, device=device)
-        items = zip(manifest["uri"].to_pylist(), manifest["etag"].to_pylist(), strict=True)
-        table, errors = encoders.embed_images(
-            encoder, items, storage_options=storage_options, batch_size=batch_size
-        )
-        if len(errors):
-            print(
-                f"inmap eval: {len(errors)} image(s) could not be read or decoded and are left "
-                f"out, e.g. {errors['uri'][0]}: {errors['error'][0]}",
-                file=sys.stderr,
-            )
-        features = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
-        raw = [label_from_path(uri) for uri in table["uri"].to_pylist()]
-    if all(isinstance(v, int | np.integer) for v in raw):
-        if not classes:
-            raise EvalInputError(f"{source} has integer labels; pass --classes with their names")
-        labels = np.asarray(raw, dtype=np.int64)
-        classnames = list(classes)
-    else:
-        classnames = list(classes) if classes else sorted({str(v) for v in raw})
-        labels = class_ids([str(v) for v in raw], classnames)
-    if text_proxy:
-        text = _load_text_proxy(text_proxy, classnames)
-    else:
-        text = _build_text_proxy(classnames, model, pretrained, templates, device)
-    return LabeledSet(features, labels, text, classnames)
-
-
-def _load_text_proxy(path: str, classnames: Sequence[str]) -> np.ndarray:
-    from inmap import storage
-
-    text = np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False)
-    if text.ndim != 2 or len(text) != len(classnames):
-        raise EvalInputError(
-            f"{path} holds an array of shape {text.shape}; expected one row per class "
-            f"({len(classnames)} classes)"
-        )
-    return text
-
-
-# ---------------------------------------------------------------------------------------------
-# `inmap eval`
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of `inmap eval`."""
-    parser.add_argument(
-        "source",
-        help="labelled features (.npz, Parquet file or folder) or a folder of labelled images "
-        "(class per sub-folder, or nXXXXXXXX_<class>.JPEG names)",
-    )
-    parser.add_argument(
-        "--classes",
-        default=None,
-        help="class names: a text file (one per line) or JSON list; default the npz's classnames "
-        "or the distinct labels",
-    )
-    parser.add_argument(
-        "--scenarios",
-        default=",".join(SCENARIOS),
-        help="comma-separated drops to draw (default all): "
-        + "; ".join(f"{k}: {v}" for k, v in SCENARIOS.items()).replace("%", "%%"),
-    )
-    parser.add_argument("--seeds", type=int, default=5, help="drops per scenario (default 5)")
-    parser.add_argument("--first-seed", type=int, default=0, help="seed of the first drop")
-    parser.add_argument(
-        "--methods",
-        default=",".join(DEFAULT_METHODS),
-        help=f"comma-separated: {ZERO_SHOT} and refine= values (default "
-        f"{','.join(DEFAULT_METHODS)})",
-    )
-    parser.add_argument(
-        "--text-proxy",
-        default=None,
-        help=".npy (C, d) zero-shot weights in class order, instead of building them with --model",
-    )
-    parser.add_argument("--iters", type=int, default=None, help="proxy-learning iterations")
-    parser.add_argument("--model", default=None, help="open_clip model, for images or text")
-    parser.add_argument(
-        "--pretrained",
-        default="default",
-        help="pretrained tag, checkpoint path, or 'none' for random weights",
-    )
-    parser.add_argument("--templates", default="paper", help="'paper', 'openai' or a JSON list")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per model batch")
-
-
-def eval_command(args: argparse.Namespace) -> int:
-    """Run `inmap eval`: print the table of top-1 per scenario and method."""
-    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-    unknown = [s for s in scenarios if s not in SCENARIOS]
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown += [m for m in methods if m != ZERO_SHOT and m not in PSEUDO_LABELERS]
-    if unknown:
-        raise EvalInputError(
-            f"unknown scenario or method {', '.join(unknown)}; scenarios: {', '.join(SCENARIOS)}; "
-            f"methods: {ZERO_SHOT}, {', '.join(PSEUDO_LABELERS)}"
-        )
-    templates = json.loads(args.templates) if args.templates.startswith("[") else args.templates
-    pretrained = None if args.pretrained.lower() in ("none", "random") else args.pretrained
-    labeled = load_labeled_set(
-        args.source,
-        classes=_read_classes(args.classes) if args.classes else None,
-        model=args.model,
-        pretrained=pretrained,
-        templates=templates,
-        device=args.device,
-        batch_size=args.batch_size,
-        text_proxy=args.text_proxy,
-    )
-    config = ProxyConfig() if args.iters is None else ProxyConfig(iters=args.iters)
-    print(
-        f"{len(labeled.labels)} labelled images, {len(labeled.classnames)} classes; "
-        f"{len(scenarios)} scenarios x {args.seeds} seeds from seed {args.first_seed}",
-        file=sys.stderr,
-    )
-    table = run_eval(
-        labeled,
-        scenarios=scenarios,
-        seeds=range(args.first_seed, args.first_seed + args.seeds),
-        methods=methods,
-        config=config,
-        progress=lambda r: print(
-            f"  {r.scenario} seed {r.seed}: {r.n_images} images, "
-            + ", ".join(f"{m} {v:.2f}" for m, v in r.top1.items()),
-            file=sys.stderr,
-        ),
-    )
-    print(format_table(table))
-    return 0

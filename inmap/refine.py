@@ -2,8 +2,8 @@
 
 The paper's Sinkhorn step makes every class equally common among the pseudo-labels. That is right
 for a balanced benchmark and wrong for a real drop, where many classes are absent and a few are
-common. `refine="adaptive"` (registered here in inmap.proxy's registry) first asks the data which
-of three cases it is in:
+common. `refine="adaptive"` (inmap.proxy) first asks the data, with `decide`, which of three cases
+it is in:
 
 1. **Balanced.** The class counts, estimated from the zero-shot posteriors net of their noise, are
    nearly equal. Then it is the paper's Sinkhorn, unchanged.
@@ -14,20 +14,16 @@ of three cases it is in:
 3. **Neither.** The pseudo-labels stay the zero-shot ones (InMaP without Sinkhorn), so the result
    stays close to zero-shot rather than paying for a wrong guess of the class marginal.
 
-Shapes: n images, C classes. `P` is the zero-shot posterior softmax(X Tᵀ / τ_t), (n, C).
+Shapes: n images, C classes. `P` is the zero-shot posterior softmax(X Tᵀ / τ_t), (n, C). This
+module holds the statistics only; inmap.proxy acts on the decision.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-from inmap.proxy import PSEUDO_LABELERS, ProxyConfig, register_pseudo_labeler
-
-log = logging.getLogger(__name__)
 
 # A drop counts as balanced when its class counts, after removing what zero-shot noise explains,
 # have a squared coefficient of variation below this: a standard deviation under about 22% of the
@@ -50,6 +46,13 @@ class RefineDecision:
     count_variation: float  # squared coefficient of variation of the class counts
     prior_gain: float  # best leave-one-out gain over a uniform prior, nats per image
     prior_strength: float | None  # Dirichlet pseudo-count per class, for branch "prior"
+
+    def describe(self) -> str:
+        strength = f", prior strength {self.prior_strength:g}" if self.prior_strength else ""
+        return (
+            f"{self.branch} (class-count variation {self.count_variation:.3f}, leave-one-out "
+            f"gain {self.prior_gain:.3f} nats/image{strength})"
+        )
 
 
 def class_count_variation(posteriors: torch.Tensor) -> float:
@@ -110,28 +113,6 @@ def decide(posteriors: torch.Tensor) -> RefineDecision:
     return RefineDecision("prior", variation, best, strength)
 
 
-def adaptive_pseudo_labels(zero_shot_logits: torch.Tensor, config: ProxyConfig) -> torch.Tensor:
-    """The `refine="adaptive"` pseudo-labeler: zero-shot logits X Tᵀ (n, C) -> P (n, C), rows
-    summing to 1, whose column mass is the estimated class marginal."""
-    posteriors = torch.softmax(zero_shot_logits.float() / config.tau_t, dim=1)
-    decision = decide(posteriors)
-    log.info(
-        "refine=adaptive: %s (class-count variation %.3f, leave-one-out gain %.3f nats/image%s)",
-        decision.branch,
-        decision.count_variation,
-        decision.prior_gain,
-        f", prior strength {decision.prior_strength:g}" if decision.prior_strength else "",
-    )
-    if decision.branch == "balanced":
-        return PSEUDO_LABELERS["sinkhorn"](zero_shot_logits, config)
-    if decision.branch == "prior":
-        return prior_posteriors(posteriors, decision.prior_strength)
-    return posteriors
-
-
-register_pseudo_labeler("adaptive", adaptive_pseudo_labels)
-
-
 def disagreement_warning(
     zero_shot_ids: np.ndarray | torch.Tensor,
     zero_shot_scores: np.ndarray | torch.Tensor,
@@ -179,7 +160,6 @@ __all__ = [
     "MIN_PRIOR_GAIN",
     "PRIOR_STRENGTHS",
     "RefineDecision",
-    "adaptive_pseudo_labels",
     "class_count_variation",
     "decide",
     "disagreement_warning",

@@ -1,47 +1,55 @@
 """Every path is a URL: local paths, ``s3://bucket/prefix`` through s3fs, ``memory://`` in tests.
 
 One helper (`url_to_fs`) opens any of them; the rest of inmap never imports s3fs or touches
-``open()`` directly.
+``open()`` directly. User paths are never used as glob patterns: a folder named ``out[1]`` is a
+folder, not a character class.
 
-S3 settings come from ``storage_options`` (passed to ``s3fs.S3FileSystem``: ``key``, ``secret``,
-``token``, ``anon``, ``endpoint_url``, ``client_kwargs``, ...) or from the usual AWS sources, which
-botocore reads itself: ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``,
-``AWS_PROFILE``, ``AWS_ENDPOINT_URL_S3`` (or ``AWS_ENDPOINT_URL``), instance roles.
+Credentials never travel in `storage_options` through Prefect (see `inmap.credentials`): they come
+from the usual AWS sources, which botocore reads itself (``AWS_ACCESS_KEY_ID`` /
+``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, instance and IRSA roles), or from a Prefect block that
+the task layer loads and merges in.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import random
+import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
-from datetime import datetime
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from inmap.schemas import MANIFEST_SCHEMA
+from inmap.errors import StorageError, TransientStorageError
 
-IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
+__all__ = ["StorageError", "TransientStorageError"]
 
 # Enough requests in flight to hide object-store latency (tens of ms per GET) on a few cores.
 DEFAULT_READ_WORKERS = 32
+# How long a read keeps retrying transient failures (5xx, throttling, resets, timeouts).
+DEFAULT_RETRY_SECONDS = 120.0
+TEMPORARY_SUFFIX = ".inmap-tmp"
 
 _CREDENTIALS_ADVICE = (
-    "check the credentials: pass storage_options={'key': ..., 'secret': ...} "
-    "(or {'anon': True} for a public bucket), or set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
-    "or AWS_PROFILE; for S3-compatible stores also set storage_options={'endpoint_url': ...} "
-    "or AWS_ENDPOINT_URL_S3"
+    "check the credentials: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE, use an "
+    "instance or IRSA role, or name a Prefect AwsCredentials block (--credentials-block); for "
+    "S3-compatible stores also set the endpoint (storage_options={'endpoint_url': ...} or "
+    "AWS_ENDPOINT_URL_S3)"
 )
-
-
-class StorageError(Exception):
-    """A storage operation failed; the message names the URL and what to do about it."""
+# OS errors that retrying cannot fix.
+_PERMANENT_ERRNOS = {
+    errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ELOOP,
+    errno.ENAMETOOLONG, errno.EEXIST, errno.EROFS,
+}  # fmt: skip
 
 
 def url_to_fs(
@@ -52,10 +60,14 @@ def url_to_fs(
     `storage_options` go to remote filesystems only, so one dict of S3 options can be passed along
     with a local output path.
     """
-    options = dict(storage_options or {})
-    if not _has_protocol(url) or url.startswith("file://"):
-        options = {}
-    return fsspec.core.url_to_fs(url, **options)
+    if is_local(url):
+        fs = LocalFileSystem()
+        return fs, os.path.abspath(url.removeprefix("file://"))
+    return fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
 
 
 def join(url: str, *parts: str) -> str:
@@ -64,37 +76,11 @@ def join(url: str, *parts: str) -> str:
     return "/".join(pieces)
 
 
-def list_images(source: str, storage_options: dict | None = None) -> pa.Table:
-    """List the images under `source`, recursively, as a `MANIFEST_SCHEMA` table sorted by uri.
+def basename(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
 
-    Extensions in `IMAGE_EXTENSIONS` match case-insensitively. The `uri` keeps the form the source
-    was given in (``s3://bucket/key``, ``memory://...`` or a plain local path). The `etag` is the
-    object's ETag where the store has one, else ``size-mtime``. A missing or empty source gives an
-    empty table.
-    """
-    fs, path = url_to_fs(source, storage_options)
-    with _storage_errors(source, "list"):
-        fs.invalidate_cache()  # s3fs caches listings; a scheduled re-run must see new drops
-        try:
-            entries = fs.find(path, withdirs=False, detail=True)
-        except FileNotFoundError:  # e.g. a bucket that does not exist
-            entries = {}
-    rows = []
-    for name, info in entries.items():
-        if info.get("type", "file") != "file" or not _is_image_name(name):
-            continue
-        uri = _uri_under(source, path, name, fs)
-        size = info.get("size")
-        rows.append((uri, _etag(info), None if size is None else int(size)))
-    rows.sort()
-    return pa.table(
-        {
-            "uri": [row[0] for row in rows],
-            "etag": [row[1] for row in rows],
-            "size": [row[2] for row in rows],
-        },
-        schema=MANIFEST_SCHEMA,
-    )
+
+# --- reading -------------------------------------------------------------------------------------
 
 
 def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
@@ -107,63 +93,143 @@ def read_bytes_many(
     uris: Iterable[str],
     storage_options: dict | None = None,
     max_workers: int = DEFAULT_READ_WORKERS,
+    retry_seconds: float = DEFAULT_RETRY_SECONDS,
 ) -> Iterator[tuple[str, bytes | Exception]]:
     """Read objects concurrently; yield ``(uri, bytes)`` or ``(uri, exception)`` in input order.
 
-    A failed read is yielded, not raised, so one bad object never stops a shard. At most about
-    ``2 * max_workers`` objects are held in memory at once.
+    Transient failures are retried with backoff for up to `retry_seconds` per object; what still
+    fails is yielded, not raised, so the caller decides. At most about ``2 * max_workers``
+    objects are held in memory at once. The read threads are gone when the generator is closed.
     """
     # One filesystem per scheme: building it from options costs ~0.3 ms per URL for s3://.
     filesystems: dict[str, fsspec.AbstractFileSystem] = {}
     window = max(1, 2 * max_workers)
     pending: deque[tuple[str, Future]] = deque()
-    with ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="inmap-read") as pool:
+    pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="inmap-read")
+    stopped = threading.Event()  # set when the caller stops early: retries stop waiting
+    try:
         for uri in uris:
-            scheme = uri.split("://", 1)[0] if _has_protocol(uri) else ""
+            scheme = "" if is_local(uri) else uri.split("://", 1)[0]
             if scheme not in filesystems:
                 filesystems[scheme] = url_to_fs(uri, storage_options)[0]
             fs = filesystems[scheme]
-            pending.append((uri, pool.submit(_read_from, fs, fs._strip_protocol(uri), uri)))
+            path = url_to_fs(uri)[1] if not scheme else fs._strip_protocol(uri)
+            pending.append(
+                (uri, pool.submit(_read_retrying, fs, path, uri, retry_seconds, stopped))
+            )
             if len(pending) >= window:
                 yield _result(*pending.popleft())
         while pending:
             yield _result(*pending.popleft())
+    finally:
+        stopped.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _read_retrying(
+    fs: fsspec.AbstractFileSystem, path: str, uri: str, seconds: float, stopped: threading.Event
+) -> bytes:
+    deadline = time.monotonic() + seconds
+    delay = 0.5
+    while True:
+        try:
+            return _read_from(fs, path, uri)
+        except TransientStorageError:
+            if time.monotonic() + delay > deadline or stopped.is_set():
+                raise
+            # Exponential backoff with jitter: many readers share one store.
+            if stopped.wait(delay * random.uniform(0.5, 1.0)):
+                raise
+            delay = min(delay * 2, 15.0)
 
 
 def _read_from(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> bytes:
     with _storage_errors(uri, "read"):
+        if _is_s3(fs):
+            return _read_s3_object(fs, path)
         return fs.cat_file(path)
 
 
-def write_bytes_atomic(data: bytes, url: str, storage_options: dict | None = None) -> None:
-    """Write `data` to `url` so readers see the old object or the whole new one, never a part.
+def _is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    return "s3" in fs.protocol if isinstance(fs.protocol, tuple) else fs.protocol == "s3"
 
-    Local files are written to a temporary name in the same directory, then renamed over the
-    target. Object stores get one PUT, which is atomic.
-    """
+
+def _read_s3_object(fs, path: str) -> bytes:
+    """GET one object by its exact key. s3fs would read ``photo?versionId=1.jpg`` as the key
+    ``photo`` at version ``1.jpg``; a key is a key."""
+    from fsspec.asyn import sync
+
+    bucket, _, key = path.partition("/")
+
+    async def get() -> bytes:
+        response = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+        async with response["Body"] as body:
+            return await body.read()
+
+    return sync(fs.loop, get)
+
+
+def read_parquet(
+    url: str, columns: list[str] | None = None, storage_options: dict | None = None
+) -> pa.Table:
+    """One Parquet file, reading only the footer and `columns` (ranged reads on object stores).
+
+    A file that is empty, truncated or not Parquet raises `CorruptFileError`."""
     fs, path = url_to_fs(url, storage_options)
-    with _storage_errors(url, "write"):
-        if isinstance(fs, LocalFileSystem):
-            directory = os.path.dirname(path)
-            os.makedirs(directory, exist_ok=True)
-            tmp_path = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-            try:
-                with open(tmp_path, "wb") as f:
-                    f.write(data)
-                os.replace(tmp_path, path)
-            finally:
-                if os.path.exists(tmp_path):
-                    os.remove(tmp_path)
-        else:
-            fs.pipe_file(path, data)
-            fs.invalidate_cache(path)
+    with _storage_errors(url, "read"), fs.open(path, "rb") as f:
+        try:
+            return pq.ParquetFile(f).read(columns=columns)
+        except (pa.ArrowInvalid, OSError) as error:
+            raise CorruptFileError(f"{url} is not a readable Parquet file: {error}") from error
 
 
-def write_parquet_atomic(table: pa.Table, url: str, storage_options: dict | None = None) -> None:
-    """Write `table` as one Parquet file at `url`, atomically (see `write_bytes_atomic`)."""
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    write_bytes_atomic(buffer.getvalue(), url, storage_options)
+def parquet_rows(url: str, storage_options: dict | None = None) -> int:
+    """Rows in a Parquet file, from its footer alone."""
+    fs, path = url_to_fs(url, storage_options)
+    with _storage_errors(url, "read"), fs.open(path, "rb") as f:
+        try:
+            return pq.ParquetFile(f).metadata.num_rows
+        except (pa.ArrowInvalid, OSError) as error:
+            raise CorruptFileError(f"{url} is not a readable Parquet file: {error}") from error
+
+
+class CorruptFileError(StorageError):
+    """A cache file that exists but cannot be read: recompute it."""
+
+
+def list_files(url: str, storage_options: dict | None = None) -> dict[str, int]:
+    """{url: size} of the files directly under the directory `url` (none if it does not exist).
+
+    Not a glob: `url` is taken literally, whatever characters it holds."""
+    fs, path = url_to_fs(url, storage_options)
+    with _storage_errors(url, "list"):
+        fs.invalidate_cache(path)
+        try:
+            entries = fs.ls(path, detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+    files = {}
+    for entry in entries:
+        if entry.get("type") == "file":
+            files[join(url, basename(entry["name"]))] = int(entry.get("size") or 0)
+    return files
+
+
+def size(url: str, storage_options: dict | None = None) -> int:
+    """Size in bytes of the object at `url` (caches bypassed)."""
+    fs, path = url_to_fs(url, storage_options)
+    with _storage_errors(url, "check"):
+        fs.invalidate_cache(path)
+        return int(fs.size(path))
+
+
+def modified(url: str, storage_options: dict | None = None) -> float:
+    """When the object at `url` was last written, as a POSIX timestamp."""
+    fs, path = url_to_fs(url, storage_options)
+    with _storage_errors(url, "check"):
+        fs.invalidate_cache(path)
+        stamp = fs.modified(path)
+    return stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp)
 
 
 def exists(url: str, storage_options: dict | None = None) -> bool:
@@ -174,35 +240,78 @@ def exists(url: str, storage_options: dict | None = None) -> bool:
         return fs.exists(path)
 
 
-def glob(pattern: str, storage_options: dict | None = None) -> list[str]:
-    """URLs matching `pattern` (``*`` within one path segment), sorted; none gives ``[]``.
+# --- writing -------------------------------------------------------------------------------------
 
-    The URLs keep the form the pattern was given in, like `list_images`.
+
+def write_bytes_atomic(data: bytes, url: str, storage_options: dict | None = None) -> None:
+    """Write `data` to `url` so readers see the old object or the whole new one, never a part.
+
+    Local files go to a temporary name in the same directory, are flushed to disk, then renamed
+    over the target (and the directory is synced), so a crash leaves no empty or torn file.
+    Object stores get one PUT, which is atomic.
     """
-    base = pattern[: min((pattern.find(c) for c in "*?[" if c in pattern), default=len(pattern))]
-    base = base.rsplit("/", 1)[0] if "/" in base else base
-    fs, base_path = url_to_fs(base, storage_options)
-    _, path_pattern = url_to_fs(pattern, storage_options)
-    with _storage_errors(pattern, "list"):
-        fs.invalidate_cache()
-        try:
-            names = fs.glob(path_pattern)
-        except FileNotFoundError:
-            names = []
-    return sorted(_uri_under(base, base_path, name, fs) for name in names)
-
-
-def move(source: str, destination: str, storage_options: dict | None = None) -> None:
-    """Move one object. Local moves are an atomic rename; object stores copy, then delete."""
-    fs, source_path = url_to_fs(source, storage_options)
-    _, destination_path = url_to_fs(destination, storage_options)
-    with _storage_errors(destination, "move to"):
+    fs, path = url_to_fs(url, storage_options)
+    with _storage_errors(url, "write"):
         if isinstance(fs, LocalFileSystem):
-            os.makedirs(os.path.dirname(destination_path), exist_ok=True)
-            os.replace(source_path, destination_path)
+            directory = os.path.dirname(path)
+            os.makedirs(directory, exist_ok=True)
+            tmp_path = os.path.join(
+                directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}{TEMPORARY_SUFFIX}"
+            )
+            try:
+                with open(tmp_path, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp_path, path)
+                _fsync_directory(directory)
+            finally:
+                with suppress(FileNotFoundError):
+                    os.remove(tmp_path)
         else:
-            fs.mv(source_path, destination_path)
-            fs.invalidate_cache()
+            fs.pipe_file(path, data)
+            fs.invalidate_cache(path)
+
+
+def create_exclusive(data: bytes, url: str, storage_options: dict | None = None) -> bool:
+    """Create `url` holding `data` only if nothing is there; False if something already was.
+
+    Local files use O_EXCL (then fsync); S3 uses a conditional PUT (If-None-Match: *)."""
+    fs, path = url_to_fs(url, storage_options)
+    with _storage_errors(url, "create"):
+        if isinstance(fs, LocalFileSystem):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_directory(os.path.dirname(path))
+            return True
+        if _is_s3(fs):
+            try:
+                fs.pipe_file(path, data, mode="create")
+            except FileExistsError:
+                return False
+            except OSError as error:  # some stores answer 409 ConditionalRequestConflict
+                if "PreconditionFailed" in str(error) or "ConditionalRequest" in str(error):
+                    return False
+                raise
+            return True
+        if fs.exists(path):  # memory:// in tests: single process, so check-then-write is safe
+            return False
+        fs.pipe_file(path, data)
+        return True
+
+
+def write_parquet_atomic(table: pa.Table, url: str, storage_options: dict | None = None) -> None:
+    """Write `table` as one Parquet file at `url`, atomically (see `write_bytes_atomic`)."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    write_bytes_atomic(buffer.getvalue(), url, storage_options)
 
 
 def delete(url: str, storage_options: dict | None = None) -> None:
@@ -214,59 +323,54 @@ def delete(url: str, storage_options: dict | None = None) -> None:
         fs.invalidate_cache(path)
 
 
-def read_table(
-    url_or_urls: str | Iterable[str],
-    columns: list[str] | None = None,
-    storage_options: dict | None = None,
-) -> pa.Table:
-    """Read one Parquet file, or several with the same schema concatenated in the given order.
-
-    The schema metadata of the first file is kept.
-    """
-    urls = [url_or_urls] if isinstance(url_or_urls, str) else list(url_or_urls)
-    if not urls:
-        raise ValueError("read_table needs at least one URL")
-    tables = []
-    for url in urls:
-        data = read_bytes(url, storage_options)
+def move_aside(url: str, storage_options: dict | None = None) -> str:
+    """Rename a broken file to ``<name>.broken-<time>`` beside it, out of every cache's way;
+    returns the new URL. A file that is already gone is not an error."""
+    fs, path = url_to_fs(url, storage_options)
+    target = f"{url}.broken-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    _, target_path = url_to_fs(target, storage_options)
+    with _storage_errors(url, "move aside"):
         try:
-            tables.append(pq.read_table(io.BytesIO(data), columns=columns))
-        except (pa.ArrowInvalid, OSError) as error:
-            raise StorageError(f"{url} is not a readable Parquet file: {error}") from error
-    if len(tables) == 1:
-        return tables[0]
-    schema = tables[0].schema
-    return pa.concat_tables([table.cast(schema) for table in tables])
+            if isinstance(fs, LocalFileSystem):
+                os.replace(path, target_path)
+            else:
+                fs.mv(path, target_path)
+        except FileNotFoundError:
+            return url
+        fs.invalidate_cache()
+    return target
 
 
-def _has_protocol(url: str) -> bool:
-    return "://" in url
+def sweep_temporary_files(url: str, older_than: float = 3600.0) -> list[str]:
+    """Remove temporary files that crashed writers left under the local directory `url`.
+
+    Only inmap's own temporary names, and only older than `older_than` seconds, so a live writer
+    never loses its file. Object stores have none: a PUT is whole or absent."""
+    if not is_local(url):
+        return []
+    _, root = url_to_fs(url)
+    removed = []
+    cutoff = time.time() - older_than
+    for directory, _, names in os.walk(root):
+        for name in names:
+            if not name.endswith(TEMPORARY_SUFFIX):
+                continue
+            path = os.path.join(directory, name)
+            with suppress(FileNotFoundError):
+                if os.stat(path).st_mtime < cutoff:
+                    os.remove(path)
+                    removed.append(path)
+    return removed
 
 
-def _uri_under(source: str, source_path: str, name: str, fs: fsspec.AbstractFileSystem) -> str:
-    """`name` (a path inside `fs`) written with the same prefix the user gave for `source`."""
-    root = source_path.rstrip("/")
-    if name == root:
-        return source
-    if name.startswith(root + "/"):
-        return source.rstrip("/") + name[len(root) :]
-    return fs.unstrip_protocol(name) if _has_protocol(source) else name
-
-
-def _is_image_name(name: str) -> bool:
-    base = name.rsplit("/", 1)[-1]
-    return "." in base and base.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
-
-
-def _etag(info: dict) -> str:
-    """The store's ETag when it has one (S3), else ``size-mtime`` (local and memory files)."""
-    etag = info.get("ETag") or info.get("etag")
-    if etag:
-        return str(etag).strip('"')
-    modified = info.get("mtime") or info.get("LastModified") or info.get("created") or 0
-    if isinstance(modified, datetime):
-        modified = modified.timestamp()
-    return f"{info.get('size')}-{float(modified):.6f}"
+def _fsync_directory(directory: str) -> None:
+    """Make a rename in `directory` durable (a crash must not undo it)."""
+    with suppress(OSError):  # not every filesystem lets a directory be opened
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _result(uri: str, future: Future) -> tuple[str, bytes | Exception]:
@@ -276,9 +380,34 @@ def _result(uri: str, future: Future) -> tuple[str, bytes | Exception]:
         return uri, error
 
 
+def is_transient(error: BaseException) -> bool:
+    """Whether retrying `error` may help: outages, throttling, resets and timeouts do; a missing
+    object, a permission or a bad path do not."""
+    if isinstance(error, TransientStorageError):
+        return True
+    if isinstance(error, StorageError):
+        return False
+    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError,
+                          NotADirectoryError, FileExistsError)):  # fmt: skip
+        return False
+    if isinstance(error, OSError) and error.errno in _PERMANENT_ERRNOS:
+        return False
+    name = type(error).__name__
+    if name in ("NoCredentialsError", "PartialCredentialsError", "ParamValidationError"):
+        return False
+    if "credential" in str(error).lower() or "InvalidAccessKeyId" in str(error):
+        return False
+    return isinstance(error, (OSError, ConnectionError, TimeoutError)) or name in (
+        "ClientError", "ClientOSError", "ServerDisconnectedError", "ClientPayloadError",
+        "ReadTimeoutError", "ConnectTimeoutError", "EndpointConnectionError",
+        "ResponseStreamingError", "IncompleteReadError", "ClientConnectorError",
+    )  # fmt: skip
+
+
 @contextmanager
 def _storage_errors(url: str, action: str) -> Iterator[None]:
-    """Turn filesystem and botocore errors into a StorageError that names `url` and the fix."""
+    """Turn filesystem and botocore errors into a StorageError that names `url` and the fix;
+    failures that may pass become a TransientStorageError."""
     try:
         yield
     except StorageError:
@@ -290,8 +419,10 @@ def _storage_errors(url: str, action: str) -> Iterator[None]:
             f"cannot {action} {url}: {error}; does the bucket or directory exist?"
         ) from error
     except PermissionError as error:
-        if _has_protocol(url) and not url.startswith("file://"):
+        if not is_local(url):
             advice = _CREDENTIALS_ADVICE
+        elif action in ("read", "check", "list"):
+            advice = "check that this user may read it"
         else:
             advice = "check the directory exists and this user may write to it"
         raise StorageError(
@@ -300,7 +431,11 @@ def _storage_errors(url: str, action: str) -> Iterator[None]:
     except Exception as error:  # botocore, aiohttp, OS errors: say which URL, keep the cause
         message = f"cannot {action} {url}: {type(error).__name__}: {error}"
         if "credential" in str(error).lower() or type(error).__name__ == "NoCredentialsError":
-            message += f"; {_CREDENTIALS_ADVICE}"
-        elif action in ("write", "move to"):
+            raise StorageError(f"{message}; {_CREDENTIALS_ADVICE}") from error
+        if isinstance(error, OSError) and error.errno == errno.ELOOP:
+            raise StorageError(f"cannot {action} {url}: symbolic link loop") from error
+        if is_transient(error):
+            raise TransientStorageError(message) from error
+        if action in ("write", "create"):
             message += "; check that the output location is a writable directory or bucket"
         raise StorageError(message) from error

@@ -1,155 +1,160 @@
-"""Prefect tasks, one per stage. Each is a few lines around `inmap.pipeline`.
+"""Prefect tasks, one per stage, each one call into `inmap`. Tasks take `(item, job)`.
 
-Retries go on the stages that touch storage or the network. Caching is by content: embedding shards
-and proxies are content-addressed files whose existence is the cache, and the text proxy is cached
-by Prefect on its inputs and this module's source.
+Every task touching storage retries transient failures; input mistakes (`InputError`) and runs
+that cannot commit (`UnreadableImagesError`, `OutputBusyError`) are never retried. Nothing is
+cached or persisted by Prefect: the caches are content-addressed files under the output, whose
+existence is the cache, and no task result is ever written (so no pickle either).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
 from prefect import task
-from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
+from prefect.cache_policies import NO_CACHE
 
-from inmap import pipeline, storage
-from inmap.encoder import ModelNotFoundError, WeightsUnavailableError
-from inmap.pipeline import ClassesError, ModelSpec, ProxyArtifact, ShardPlan, ShardResult
-from inmap.proxy import ProxyConfig
+from inmap import (
+    embedding,
+    failures,
+    learning,
+    lease,
+    listing,
+    maintenance,
+    prediction,
+    progress,
+    report,
+)
+from inmap.credentials import refuse_secrets
+from inmap.errors import InputError, OutputBusyError, UnreadableImagesError
+from inmap.job import Job, JobRequest, make_job
+from tasks import credentials
+from tasks.progress import stage_progress
 
-# Mistakes in the input do not go away by waiting: an unknown model, weights that cannot be
-# downloaded (which already retried inside the Hugging Face client), a bad class list.
-NOT_TRANSIENT = (ModelNotFoundError, WeightsUnavailableError, ClassesError)
+NEVER_RETRIED = (InputError, UnreadableImagesError, OutputBusyError)
 
 
 def is_transient(task, task_run, state) -> bool:
-    """Prefect retry condition: retry everything but input mistakes."""
+    """Prefect retry condition: retry everything but what waiting cannot fix."""
     try:
         state.result(raise_on_failure=True)
-    except NOT_TRANSIENT:
+    except NEVER_RETRIED:
         return False
     except Exception:
         return True
     return True
 
 
-# Object stores fail transiently; back off a little more each time.
-STORAGE_RETRIES = {
-    "retries": 3,
-    "retry_delay_seconds": [2, 10, 30],
-    "retry_condition_fn": is_transient,
-}
+def stage(name: str, **options) -> Callable:
+    """A Prefect task that retries storage failures, caches and persists nothing, and runs with
+    the job's block credentials attached (loaded here, inside the task)."""
+
+    def decorate(function: Callable) -> Callable:
+        @functools.wraps(function)
+        def with_credentials(*args, **kwargs):
+            args = [credentials.attach(a) if isinstance(a, Job) else a for a in args]
+            kwargs = {k: credentials.attach(v) if isinstance(v, Job) else v
+                      for k, v in kwargs.items()}  # fmt: skip
+            return function(*args, **kwargs)
+
+        settings = {
+            "name": name,
+            "cache_policy": NO_CACHE,
+            "persist_result": False,
+            "result_serializer": "json",  # never a pickle, even if something persisted
+            "retries": 3,
+            "retry_delay_seconds": [2, 10, 30],
+            "retry_condition_fn": is_transient,
+            **options,
+        }
+        return task(**settings)(with_credentials)
+
+    return decorate
 
 
-@task(name="list-images", cache_policy=NO_CACHE, **STORAGE_RETRIES)
-def list_images(source: str, storage_options: dict | None) -> pa.Table:
-    return storage.list_images(source, storage_options)
+@stage("prepare-job")
+def prepare_job(request: JobRequest) -> Job:
+    block = credentials.block_options(request.credentials_block)
+    return make_job(request, block)
 
 
-@task(name="plan-shards", cache_policy=NO_CACHE, **STORAGE_RETRIES)
-def plan_shards(
-    manifest: pa.Table, output: str, spec: ModelSpec, shard_size: int, storage_options: dict | None
-) -> tuple[list[ShardPlan], int]:
-    return pipeline.plan_embedding(manifest, output, spec, shard_size, storage_options)
+@stage("list-images")
+def list_images(job: Job) -> listing.Listing:
+    mark = report.listing_mark(job) if job.listing == "after-last" else None
+    found = listing.list_images(job.source, job.options, start_after=mark)
+    progress.reporter("list", job.source)(len(found), len(found))
+    failures.record_listing_problems(found.problems, job)
+    return found
 
 
-@task(
-    name="embed-shard",
-    cache_policy=NO_CACHE,  # the content-addressed shard file is the cache
-    task_run_name="embed-{plan.shard_id}",
-    **STORAGE_RETRIES,
-)
-def embed_shard(
-    plan: ShardPlan,
-    output: str,
-    spec: ModelSpec,
-    batch_size: int,
-    run_id: str,
-    storage_options: dict | None,
-) -> ShardResult:
-    return pipeline.embed_shard(
-        plan, output, spec, batch_size=batch_size, run_id=run_id, storage_options=storage_options
-    )
+@stage("plan-embedding")
+def plan_embedding(manifest: pa.Table, job: Job) -> embedding.EmbeddingPlan:
+    index = embedding.embedding_index(job)
+    return embedding.plan_embedding(manifest, index, failures.known_decode_failures(job), job)
 
 
-@task(name="build-text-proxy", cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
-def build_text_proxy(
-    classes: Sequence[str], spec: ModelSpec, templates: str | Sequence[str]
-) -> np.ndarray:
-    return pipeline.build_text_proxy(classes, spec, templates)
+@stage("embed-shard", task_run_name="embed-{plan.shard_id}")
+def embed_shard(plan: embedding.ShardPlan, job: Job) -> embedding.ShardResult:
+    with stage_progress("embed", plan.shard_id, f"embedding shard {plan.shard_id}") as on_progress:
+        return embedding.embed_shard(plan, job, on_progress)
 
 
-@task(name="index-embeddings", cache_policy=NO_CACHE, **STORAGE_RETRIES)
-def index_embeddings(output: str, spec: ModelSpec, storage_options: dict | None) -> pa.Table:
-    return pipeline.embedding_index(output, spec, storage_options)
+@stage("index-embeddings")
+def index_embeddings(job: Job) -> pa.Table:
+    return embedding.embedding_index(job)
 
 
-@task(name="learn-proxy", cache_policy=NO_CACHE, **STORAGE_RETRIES)
-def learn_proxy(
-    manifest: pa.Table,
-    index: pa.Table,
-    text_proxy: np.ndarray,
-    classes: Sequence[str],
-    config: ProxyConfig,
-    max_train_images: int | None,
-    output: str,
-    spec: ModelSpec,
-    storage_options: dict | None,
-) -> ProxyArtifact:
-    rows = pipeline.training_rows(manifest, index, max_train_images)
-    return pipeline.learn_proxy(
-        rows, text_proxy, classes, config, output, spec, storage_options=storage_options
-    )
-
-
-@task(name="plan-predictions", cache_policy=NO_CACHE, **STORAGE_RETRIES)
+@stage("plan-predictions")
 def plan_predictions(
-    manifest: pa.Table, index: pa.Table, output: str, labelset: str, storage_options: dict | None
-) -> list[tuple[str, pa.Table]]:
-    return pipeline.plan_predictions(manifest, index, output, labelset, storage_options)
+    manifest: pa.Table, index: pa.Table, job: Job
+) -> list[prediction.PredictionPlan]:
+    return prediction.plan_predictions(manifest, index, prediction.done_predictions(job))
 
 
-@task(
-    name="predict-shard",
-    cache_policy=NO_CACHE,
-    task_run_name="predict-{shard_uri}",
-    **STORAGE_RETRIES,
-)
+@stage("vision-proxy")
+def vision_proxy(
+    manifest: pa.Table, index: pa.Table, to_predict: int, job: Job
+) -> learning.ProxyChoice:
+    with stage_progress("learn", job.run_id, "learning the vision proxy (steps)") as on_step:
+        return learning.vision_proxy(manifest, index, to_predict, job, on_step)
+
+
+@stage("text-proxy")
+def text_proxy(job: Job) -> np.ndarray:
+    return learning.build_text_proxy(job)
+
+
+@stage("predict-shard", task_run_name="predict-{plan.shard_id}")
 def predict_shard(
-    shard_uri: str,
-    wanted: pa.Table,
-    proxy: ProxyArtifact,
-    output: str,
-    spec: ModelSpec,
-    labelset: str,
-    run_id: str,
-    config: ProxyConfig,
-    top_k: int,
-    storage_options: dict | None,
-) -> str | None:
-    return pipeline.predict_shard(
-        shard_uri,
-        wanted,
-        proxy,
-        output,
-        spec,
-        labelset=labelset,
-        run_id=run_id,
-        config=config,
-        top_k=top_k,
-        storage_options=storage_options,
-    )
+    plan: prediction.PredictionPlan, proxy: learning.ProxyArtifact, job: Job
+) -> pa.Table:
+    table = prediction.predict_shard(plan, proxy, job)
+    progress.reporter("predict", plan.shard_uri)(plan.images, plan.images)
+    return table
 
 
-@task(name="commit-run", cache_policy=NO_CACHE, **STORAGE_RETRIES)
-def commit_run(
+@stage("commit-predictions")
+def commit_predictions(parts: list[pa.Table], job: Job) -> int:
+    lease.verify(job.lease, job.options)
+    return prediction.commit_predictions(parts, job)
+
+
+@stage("record-run")
+def record_run(summary: report.RunSummary, job: Job) -> None:
+    report.record_run(summary, job)
+
+
+@stage("maintain")
+def maintain(
     output: str,
-    run_id: str,
-    labelset: str,
-    staged_parts: list[str | None],
-    summary: dict,
     storage_options: dict | None,
-) -> str:
-    return pipeline.commit_run(output, run_id, labelset, staged_parts, summary, storage_options)
+    credentials_block: str | None,
+    retention_hours: float,
+) -> list[str]:
+    options = {
+        **refuse_secrets(storage_options),
+        **(credentials.block_options(credentials_block) or {}),
+    }
+    return maintenance.maintain(output, options or None, retention_hours=retention_hours)

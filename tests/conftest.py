@@ -63,12 +63,42 @@ def moto_endpoint():
 
 @pytest.fixture
 def s3_storage_options(moto_endpoint) -> dict:
-    """storage_options for s3fs against the moto server, with its test credentials."""
+    """storage_options for s3fs against the moto server, with its test credentials (for library
+    calls; flow parameters never hold secrets)."""
     return {
         "endpoint_url": moto_endpoint,
         "key": "testing",
         "secret": "testing",
     }
+
+
+@pytest.fixture
+def s3_endpoint_options(moto_endpoint) -> dict:
+    """The non-secret storage options a flow takes: where the store is, not who we are."""
+    return {"endpoint_url": moto_endpoint}
+
+
+@pytest.fixture
+def s3_credentials_in_env(monkeypatch):
+    """The moto test keys in the environment, the way a deployment's worker has its own."""
+    import s3fs
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def s3_root(s3_bucket) -> str:
+    """s3://<a fresh, empty bucket> on the moto server."""
+    return f"s3://{s3_bucket}"
+
+
+def touch(path, data: bytes = b"x") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
 
 
 @pytest.fixture
@@ -167,3 +197,20 @@ def prefect_server(tmp_path):
         server.terminate()
         server.wait(30)
         log.close()
+
+
+def read_delta(table, storage_options: dict | None = None):
+    """A Delta table of the output as a polars DataFrame, the way the README reads it."""
+    import polars as pl
+
+    from inmap.tables import delta_options
+
+    table = str(table)
+    if table.startswith("s3://"):
+        return pl.read_delta(table, storage_options=delta_options(storage_options))
+    return pl.read_delta(table)
+
+
+def one_row_per_image(predictions) -> bool:
+    """No (labelset, uri, etag) twice."""
+    return predictions.select(["labelset", "uri", "etag"]).unique().height == predictions.height

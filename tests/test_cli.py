@@ -1,21 +1,32 @@
-"""The `inmap` command line."""
+"""The `inmap` command line: quick help, one-line mistakes, and looking at results."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
-import polars as pl
 import pytest
 
 from inmap.cli import build_parser, main
+from tests.conftest import REPO_ROOT, read_delta
 
 
-def test_help_documents_every_command():
+def test_help_is_quick_and_documents_every_command():
+    start = time.perf_counter()
     completed = subprocess.run(
         [sys.executable, "-m", "inmap.cli", "--help"], capture_output=True, text=True, check=True
     )
-    assert "label" in completed.stdout and "eval" in completed.stdout
+    elapsed = time.perf_counter() - start
+    for command in ("label", "runs", "labels", "errors", "maintain", "eval"):
+        assert command in completed.stdout
+    # No torch, open_clip or Prefect at import: checked by what is loaded, not by a clock.
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, inmap.cli; inmap.cli.build_parser();"
+         "print(' '.join(m for m in ('torch', 'open_clip', 'prefect') if m in sys.modules))"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    assert loaded == "", f"--help imports {loaded} ({elapsed:.1f}s)"
     label_help = build_parser().parse_args(["label", "x", "--classes", "c", "--output", "o"])
     assert label_help.model and label_help.pretrained  # defaults exist for every option
 
@@ -24,33 +35,72 @@ def test_label_help_lists_hyperparameters(capsys):
     with pytest.raises(SystemExit):
         main(["label", "--help"])
     out = capsys.readouterr().out
-    for option in ("--classes", "--pretrained", "--tau-t", "--alpha", "--refine", "--dask-address"):
+    for option in ("--classes", "--pretrained", "--tau-t", "--alpha", "--refine", "--dask-address",
+                   "--credentials-block", "--relearn", "--listing", "--lease-wait"):  # fmt: skip
         assert option in out
 
 
+TINY = ["--model", "inmap-tiny", "--pretrained", "none", "--device", "cpu", "--iters", "50"]
+
+
 @pytest.mark.usefixtures("prefect_harness")
-def test_label_runs_the_flow_and_reports_counts(image_folder, tmp_path, capsys):
+def test_label_runs_the_flow_and_the_results_can_be_read_back(image_folder, tmp_path, capsys):
     classes = tmp_path / "classes.txt"
     classes.write_text("fish\nbird\ndog\n")
     output = tmp_path / "out"
-    code = main(
-        ["label", str(image_folder), "--classes", str(classes), "--output", str(output),
-         "--model", "inmap-tiny", "--pretrained", "none", "--device", "cpu", "--iters", "50"]
-    )  # fmt: skip
-    assert code == 0
+    args = ["label", str(image_folder), "--classes", str(classes), "--output", str(output)]
+    assert main([*args, *TINY, "--no-progress"]) == 0
     assert "12 predicted, 12 embedded, 0 cached, 3 failed" in capsys.readouterr().out
-    assert pl.read_parquet(output / "predictions" / "**" / "*.parquet").height == 12
+    assert read_delta(output / "predictions").height == 12
+
+    assert main(["runs", str(output)]) == 0
+    runs = capsys.readouterr().out
+    assert "completed" in runs and "(learned)" in runs and str(image_folder) in runs
+    assert main(["labels", str(output), "--format", "csv"]) == 0
+    labels = capsys.readouterr().out.strip().splitlines()
+    assert labels[0].startswith('"uri","etag","label"') and len(labels) == 13
+    assert main(["errors", str(output)]) == 0
+    errors = capsys.readouterr().out
+    assert "3 failed image(s): 3 decode" in errors and "truncated.jpg" in errors
+    parquet = tmp_path / "labels.parquet"
+    assert main(["labels", str(output), "--format", "parquet", "--to", str(parquet)]) == 0
+    import polars as pl
+
+    assert pl.read_parquet(parquet).height == 12
+    assert main(["maintain", str(output)]) == 0
+    assert "predictions" in capsys.readouterr().out
 
 
-@pytest.mark.usefixtures("prefect_harness")
-def test_bad_classes_file_is_a_one_line_error_not_a_traceback(image_folder, tmp_path, capsys):
+def test_bad_classes_file_is_a_one_line_error_before_anything_starts(image_folder, tmp_path):
     classes = tmp_path / "classes.txt"
     classes.write_text("fish\n\nbird\n")
-    code = main(
-        ["label", str(image_folder), "--classes", str(classes), "--output", str(tmp_path / "o"),
-         "--model", "inmap-tiny", "--pretrained", "none"]
+    completed = subprocess.run(
+        [sys.executable, "-m", "inmap.cli", "label", str(image_folder), "--classes", str(classes),
+         "--output", str(tmp_path / "o"), *TINY],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
     )  # fmt: skip
-    assert code == 2
-    err = capsys.readouterr().err
-    assert "inmap: error:" in err and "classes.txt line 2 is empty" in err
-    assert "Traceback" not in err
+    assert completed.returncode == 2
+    assert completed.stderr.strip() == f"inmap: error: classes file {classes} line 2 is empty"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ('{"key": "AKIA", "secret": "s"}', "hold secret field(s) key, secret"),
+        (
+            '{"client_kwargs": {"aws_secret_access_key": "s"}}',
+            "client_kwargs.aws_secret_access_key",
+        ),
+        ("{not json", "--storage-options is not valid JSON"),
+    ],
+)
+def test_secrets_in_storage_options_are_refused_naming_the_safe_ways(tmp_path, options, message):
+    completed = subprocess.run(
+        [sys.executable, "-m", "inmap.cli", "label", str(tmp_path), "--classes", "c.txt",
+         "--output", str(tmp_path / "o"), "--storage-options", options],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
+    )  # fmt: skip
+    assert completed.returncode == 2, completed.stderr
+    assert message in completed.stderr and "Traceback" not in completed.stderr
+    if "secret" in message:
+        assert "AWS_PROFILE" in completed.stderr and "--credentials-block" in completed.stderr

@@ -11,7 +11,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, read_delta
 
 pytestmark = pytest.mark.slow
 
@@ -36,6 +36,7 @@ def label(source, output, env, *runner_args) -> subprocess.CompletedProcess:
             "cpu",
             "--shard-size",
             "4",
+            "--no-progress",
             *runner_args,
         ],
         cwd=REPO_ROOT,
@@ -47,7 +48,9 @@ def label(source, output, env, *runner_args) -> subprocess.CompletedProcess:
 
 
 def read(output, what: str) -> pl.DataFrame:
-    return pl.read_parquet(output / what / "**" / "*.parquet").sort("uri")
+    if what == "embeddings":
+        return pl.read_parquet(output / what / "*" / "*.parquet").sort("uri")
+    return read_delta(output / what).sort("uri")
 
 
 def test_dask_cluster_run_equals_thread_pool_run(prefect_server, image_folder, tmp_path):

@@ -8,17 +8,16 @@ import subprocess
 import sys
 import urllib.request
 
-import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from tests.conftest import REPO_ROOT, wait_for
+from tests.conftest import REPO_ROOT, one_row_per_image, read_delta, wait_for
 
 pytestmark = pytest.mark.slow
 
 
 def test_deployment_run_labels_the_bucket(
-    prefect_server, s3_bucket, s3_storage_options, sample_images, tmp_path
+    prefect_server, s3_bucket, s3_storage_options, s3_endpoint_options, sample_images, tmp_path
 ):
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_storage_options)
     for path in sample_images[:6]:
@@ -26,6 +25,7 @@ def test_deployment_run_labels_the_bucket(
     fs.pipe(f"{s3_bucket}/incoming/broken.jpg", sample_images[0].read_bytes()[:1000])
     fs.pipe(f"{s3_bucket}/classes.txt", b"fish\nbird\nreptile\n")
 
+    # The serving process has the credentials; the run's parameters never do.
     env = {**prefect_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
     serve_log = open(tmp_path / "serve.log", "w")
     serve = subprocess.Popen(
@@ -43,7 +43,7 @@ def test_deployment_run_labels_the_bucket(
         "model": "inmap-tiny",
         "pretrained": None,
         "device": "cpu",
-        "storage_options": s3_storage_options,
+        "storage_options": s3_endpoint_options,  # the keys are in the serving process's env
     }
     try:
         api = prefect_server["PREFECT_API_URL"]
@@ -57,7 +57,7 @@ def test_deployment_run_labels_the_bucket(
             )
             with urllib.request.urlopen(request, timeout=5) as response:
                 names = {d["name"] for d in json.load(response)}
-            return {"label-bucket", "backfill"} <= names
+            return {"label-bucket", "backfill", "maintain"} <= names
 
         wait_for(deployments_registered, 120, "deployments to be served", serve)
 
@@ -83,19 +83,17 @@ def test_deployment_run_labels_the_bucket(
 
         first = run_deployment()
         assert first.returncode == 0, first.stdout + first.stderr
-        fs.invalidate_cache()
-        parts = fs.glob(f"{s3_bucket}/inmap/predictions/*/*/*.parquet")
-        predictions = pq.read_table(parts, filesystem=fs)
-        assert predictions.num_rows == 6
-        errors = pq.read_table(f"{s3_bucket}/inmap/errors", filesystem=fs)
-        assert [uri.rsplit("/", 1)[1] for uri in errors["uri"].to_pylist()] == ["broken.jpg"]
+        output = params["output"]
+        predictions = read_delta(f"{output}/predictions", s3_endpoint_options)
+        assert predictions.height == 6 and one_row_per_image(predictions)
+        errors = read_delta(f"{output}/errors", s3_endpoint_options)
+        assert [uri.rsplit("/", 1)[1] for uri in errors["uri"].to_list()] == ["broken.jpg"]
 
         second = run_deployment()
         assert second.returncode == 0, second.stdout + second.stderr
-        fs.invalidate_cache()
-        summaries = [json.loads(fs.cat(p)) for p in fs.glob(f"{s3_bucket}/inmap/runs/*.json")]
-        assert sorted(s["counts"]["embedded"] for s in summaries) == [0, 6]
-        assert sorted(s["counts"]["cached"] for s in summaries) == [0, 6]
+        runs = read_delta(f"{output}/runs", s3_endpoint_options).sort("started_at")
+        assert runs["embedded"].to_list() == [6, 0] and runs["cached"].to_list() == [0, 6]
+        assert runs["status"].to_list() == ["completed", "completed"]
     finally:
         serve.terminate()
         try:

@@ -2,27 +2,23 @@
 
 from __future__ import annotations
 
-import argparse
+import logging
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from inmap.evaluate import (
-    SCENARIOS,
+from inmap.cli import main
+from inmap.config import ProxyConfig
+from inmap.evaluate import SCENARIOS, format_table, make_drop, run_eval
+from inmap.labeled import (
     EvalInputError,
     LabeledSet,
-    add_eval_arguments,
     class_ids,
-    eval_command,
-    format_table,
     label_from_path,
     load_labeled_set,
-    make_drop,
-    run_eval,
 )
-from inmap.proxy import ProxyConfig
 
 LABELS = np.repeat(np.arange(100), 4)  # 100 classes x 4 images, like the dev set
 
@@ -181,38 +177,35 @@ def test_eval_command_prints_the_table(tmp_path, small_set, capsys):
         text_proxy=small_set.text_proxy,
         classnames=np.array(small_set.classnames),
     )
-    parser = argparse.ArgumentParser()
-    add_eval_arguments(parser)
-    args = parser.parse_args(
-        [str(npz), "--scenarios", "handful,small", "--seeds", "2", "--iters", "10"]
-    )
-    assert eval_command(args) == 0
+    code = main(["eval", str(npz), "--scenarios", "handful,small", "--seeds", "2", "--iters", "10"])
+    assert code == 0
     out = capsys.readouterr().out
     assert "| handful | 2 |" in out and "| small | 2 |" in out
     assert "zero-shot" in out and "sinkhorn" in out and "adaptive" in out
 
 
-def test_eval_help_lists_the_scenarios():
-    parser = argparse.ArgumentParser()
-    add_eval_arguments(parser)
-    assert all(name in parser.format_help() for name in SCENARIOS)
+def test_eval_help_lists_the_scenarios(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    out = capsys.readouterr().out
+    assert all(name in out for name in SCENARIOS)
 
 
-def test_eval_command_rejects_unknown_methods(tmp_path):
-    parser = argparse.ArgumentParser()
-    add_eval_arguments(parser)
-    with pytest.raises(EvalInputError, match="magic"):
-        eval_command(parser.parse_args([str(tmp_path / "x.npz"), "--methods", "magic"]))
+def test_eval_command_rejects_unknown_methods_in_one_line(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "x.npz"), "--methods", "magic"]) == 2
+    err = capsys.readouterr().err
+    assert "inmap: error: unknown scenario or method magic" in err and "Traceback" not in err
 
 
 @pytest.mark.filterwarnings("ignore:inmap-tiny has RANDOM weights")
-def test_image_folder_is_embedded_and_labelled_from_file_names(image_folder, capsys):
-    from inmap.encoder import TINY_MODEL
+def test_image_folder_is_embedded_and_labelled_from_file_names(image_folder, caplog):
+    from inmap.model import TINY_MODEL
 
-    labeled = load_labeled_set(str(image_folder), model=TINY_MODEL, pretrained=None)
+    with caplog.at_level(logging.WARNING, logger="inmap.labeled"):
+        labeled = load_labeled_set(str(image_folder), model=TINY_MODEL, pretrained=None)
     # 12 real JPEGs of 12 classes (nXXXXXXXX_<class>.JPEG); the 3 broken files are reported.
     assert len(labeled.labels) == 12 and len(labeled.classnames) == 12
     assert labeled.text_proxy.shape == (12, 64)
-    assert "3 image(s) could not be read or decoded" in capsys.readouterr().err
+    assert "3 image(s) could not be read or decoded" in caplog.text
     names = [labeled.classnames[i] for i in labeled.labels]
     assert all("_" not in name for name in names)

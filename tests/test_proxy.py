@@ -18,14 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from inmap.proxy import (
-    PSEUDO_LABELERS,
-    ProxyConfig,
-    fit_vision_proxy,
-    learn_vision_proxy,
-    predict,
-    register_pseudo_labeler,
-)
+from inmap.config import FitOptions, ProxyConfig
+from inmap.proxy import PSEUDO_LABELERS, fit_vision_proxy, learn_vision_proxy, predict
 from inmap.schemas import embedding_schema
 
 DEV_CLASSES = 100  # a 100-class subset of the real dev set keeps the oracle to seconds
@@ -310,7 +304,7 @@ def test_fit_reports_pseudo_label_and_prediction_statistics():
     assert fit.n_images == len(X) and fit.iterations == 50
 
 
-# --- the pseudo-labeler registry -----------------------------------------------------------
+# --- pseudo-labelers -----------------------------------------------------------
 
 
 def test_registered_pseudo_labeler_is_used_and_then_sharpened():
@@ -321,7 +315,7 @@ def test_registered_pseudo_labeler_is_used_and_then_sharpened():
         P[:, 0] = 0.7
         return P
 
-    register_pseudo_labeler("test-always-zero", always_class_zero)
+    PSEUDO_LABELERS["test-always-zero"] = always_class_zero
     try:
         fit = fit_vision_proxy(X, T, refine="test-always-zero", iters=5)
     finally:
@@ -331,9 +325,9 @@ def test_registered_pseudo_labeler_is_used_and_then_sharpened():
 
 def test_unknown_or_broken_pseudo_labelers_are_named():
     X, T, _ = synthetic()
-    with pytest.raises(ValueError, match="unknown refine='nope'; registered: sinkhorn, none"):
+    with pytest.raises(ValueError, match="unknown refine='nope'; known: adaptive, sinkhorn, none"):
         fit_vision_proxy(X, T, refine="nope")
-    register_pseudo_labeler("test-broken", lambda logits, config: logits[:, :2].clone())
+    PSEUDO_LABELERS["test-broken"] = lambda logits, config: logits[:, :2].clone()
     try:
         with pytest.raises(ValueError, match="pseudo-labeler 'test-broken' returned"):
             fit_vision_proxy(X, T, refine="test-broken")
@@ -398,7 +392,9 @@ def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="tau_i must be > 0"):
         ProxyConfig(tau_i=0)
     with pytest.raises(ValueError, match="precision must be one of"):
-        ProxyConfig(precision="fp8")
+        FitOptions(precision="fp8")
+    with pytest.raises(TypeError, match="unknown setting"):
+        fit_vision_proxy(*synthetic()[:2], learning_rate=1.0)
 
 
 # --- precision -------------------------------------------------------------------------------

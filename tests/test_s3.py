@@ -1,16 +1,13 @@
-"""The flow end to end against a real S3 protocol endpoint (moto server + s3fs)."""
+"""The flow end to end against a real S3 protocol endpoint (moto server + s3fs + delta-rs)."""
 
 from __future__ import annotations
 
-import io
-
 import polars as pl
-import pyarrow.parquet as pq
 import pytest
 import s3fs
 
 from flows.inmap_flow import inmap_flow
-from inmap import pipeline
+from tests.conftest import one_row_per_image, read_delta
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -25,9 +22,9 @@ def upload_drop(fs: s3fs.S3FileSystem, bucket: str, sample_images, count: int) -
 
 
 def test_s3_run_writes_predictions_and_errors_back_to_the_bucket(
-    s3_bucket, s3_storage_options, sample_images
+    s3_bucket, s3_endpoint_options, sample_images, s3_credentials_in_env
 ):
-    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_storage_options)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_endpoint_options)
     upload_drop(fs, s3_bucket, sample_images, 10)
     params = {
         "source": f"s3://{s3_bucket}/drops",
@@ -37,20 +34,16 @@ def test_s3_run_writes_predictions_and_errors_back_to_the_bucket(
         "pretrained": None,
         "device": "cpu",
         "shard_size": 4,
-        "storage_options": s3_storage_options,
+        "storage_options": s3_endpoint_options,  # no secret: the keys come from the environment
     }
     [summary] = inmap_flow(**params)
-    assert summary["counts"]["embedded"] == 10
-    assert summary["counts"]["failed"] == 3
-    fs.invalidate_cache()
-    parts = fs.glob(f"{s3_bucket}/inmap/predictions/*/*/*.parquet")
-    predictions = pl.concat([pl.read_parquet(io.BytesIO(fs.cat(part))) for part in parts])
-    assert predictions.height == 10
+    assert (summary.embedded, summary.failed, summary.predicted) == (10, 3, 10)
+    output = params["output"]
+    predictions = read_delta(f"{output}/predictions", s3_endpoint_options)
+    assert predictions.height == 10 and one_row_per_image(predictions)
     assert predictions["uri"].str.starts_with(f"s3://{s3_bucket}/drops/").all()
-    errors = pq.read_table(
-        f"{s3_bucket}/inmap/errors", filesystem=fs, columns=["uri", "error"]
-    ).to_pylist()
-    assert sorted(row["uri"].rsplit("/", 1)[1] for row in errors) == [
+    errors = read_delta(f"{output}/errors", s3_endpoint_options)
+    assert sorted(errors["uri"].str.split("/").list.last()) == [
         "empty.jpg",
         "text.jpg",
         "truncated.jpeg",
@@ -60,9 +53,10 @@ def test_s3_run_writes_predictions_and_errors_back_to_the_bucket(
 
     # A rerun embeds nothing again; a changed object is re-embedded and relabelled.
     [again] = inmap_flow(**params)
-    assert again["counts"]["embedded"] == 0 and again["counts"]["predicted"] == 0
+    assert (again.embedded, again.predicted) == (0, 0)
     fs.pipe(f"{s3_bucket}/drops/2026-11-28/{sample_images[0].name}", sample_images[1].read_bytes())
     [changed] = inmap_flow(**params)
-    assert changed["counts"]["embedded"] == 1 and changed["counts"]["predicted"] == 1
-    committed = pipeline.committed_predictions(params["output"], storage_options=s3_storage_options)
-    assert committed.num_rows == 11
+    assert (changed.embedded, changed.predicted) == (1, 1)
+    predictions = read_delta(f"{output}/predictions", s3_endpoint_options)
+    assert predictions.height == 11 and one_row_per_image(predictions)
+    assert predictions.filter(pl.col("uri").str.ends_with(sample_images[0].name)).height == 2

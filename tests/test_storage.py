@@ -1,196 +1,21 @@
-"""Storage: listing, atomic writes and error messages on local disk, memory:// and a real S3 API.
+"""Storage: atomic writes, retried reads and error messages on local disk, memory:// and a real
+S3 API.
 
 S3 is moto's ThreadedMotoServer on 127.0.0.1 spoken to by s3fs over HTTP, as s3fs's own tests do.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
-import urllib.request
 import uuid
 
 import pyarrow as pa
 import pytest
 
 from inmap import storage
-from inmap.schemas import MANIFEST_SCHEMA
 from inmap.storage import StorageError
-
-
-@pytest.fixture
-def s3_root(s3_bucket) -> str:
-    """s3://<a fresh, empty bucket> on conftest's moto server."""
-    return f"s3://{s3_bucket}"
-
-
-def _touch(path, data: bytes = b"x") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-
-
-def test_local_listing_is_recursive_sorted_and_filters_extensions_case_insensitively(tmp_path):
-    for name in [
-        "b.JPG",
-        "a/c.jpeg",
-        "a/deep/d.Png",
-        "e.webp",
-        "f.BMP",
-        "g.gif",
-        "h.tif",
-        "i.TIFF",
-    ]:
-        _touch(tmp_path / name)
-    for name in ["notes.txt", "a/meta.json", "jpg", "a/.jpg.swp", "archive.jpg.zip"]:
-        _touch(tmp_path / name)
-
-    manifest = storage.list_images(str(tmp_path))
-
-    assert manifest.schema.equals(MANIFEST_SCHEMA)
-    expected = sorted(
-        str(tmp_path / name)
-        for name in ["b.JPG", "a/c.jpeg", "a/deep/d.Png", "e.webp", "f.BMP", "g.gif", "h.tif"]
-        + ["i.TIFF"]
-    )
-    assert manifest.column("uri").to_pylist() == expected
-    assert manifest.column("size").to_pylist() == [1] * len(expected)
-
-
-def test_local_etag_is_size_and_mtime_and_changes_when_the_file_changes(tmp_path):
-    image = tmp_path / "a.jpg"
-    _touch(image, b"12345")
-    os.utime(image, (1_700_000_000, 1_700_000_000))
-    first = storage.list_images(str(tmp_path)).column("etag")[0].as_py()
-    assert first == "5-1700000000.000000"
-
-    _touch(image, b"123456")
-    os.utime(image, (1_700_000_100, 1_700_000_100))
-    assert storage.list_images(str(tmp_path)).column("etag")[0].as_py() != first
-
-
-@pytest.mark.parametrize("make_source", ["missing", "empty", "no-images"])
-def test_missing_or_empty_local_source_gives_empty_manifest(tmp_path, make_source):
-    source = tmp_path / "drop"
-    if make_source != "missing":
-        source.mkdir()
-    if make_source == "no-images":
-        _touch(source / "readme.txt")
-
-    manifest = storage.list_images(str(source))
-
-    assert manifest.num_rows == 0
-    assert manifest.schema.equals(MANIFEST_SCHEMA)
-
-
-def test_memory_listing_keeps_the_scheme_in_uris():
-    root = f"memory://inmap-test-{uuid.uuid4().hex}"
-    storage.write_bytes_atomic(b"abc", f"{root}/x/1.jpg")
-    storage.write_bytes_atomic(b"abc", f"{root}/x/2.txt")
-
-    manifest = storage.list_images(root)
-
-    assert manifest.column("uri").to_pylist() == [f"{root}/x/1.jpg"]
-    assert storage.read_bytes(manifest.column("uri")[0].as_py()) == b"abc"
-
-
-def test_s3_listing_is_recursive_keeps_scheme_and_records_the_etag(s3_root, s3_storage_options):
-    storage.write_bytes_atomic(b"one", f"{s3_root}/drop/a.JPEG", s3_storage_options)
-    storage.write_bytes_atomic(b"two!", f"{s3_root}/drop/sub/b.png", s3_storage_options)
-    storage.write_bytes_atomic(b"no", f"{s3_root}/drop/sub/c.csv", s3_storage_options)
-    storage.write_bytes_atomic(b"out", f"{s3_root}/other/d.jpg", s3_storage_options)
-
-    manifest = storage.list_images(f"{s3_root}/drop", s3_storage_options)
-
-    assert manifest.column("uri").to_pylist() == [
-        f"{s3_root}/drop/a.JPEG",
-        f"{s3_root}/drop/sub/b.png",
-    ]
-    # S3's ETag of a single-part upload is the MD5 of the bytes.
-    assert manifest.column("etag").to_pylist() == [
-        _md5(b"one"),
-        _md5(b"two!"),
-    ]
-    assert manifest.column("size").to_pylist() == [3, 4]
-
-
-def _md5(data: bytes) -> str:
-    return hashlib.md5(data).hexdigest()
-
-
-def test_s3_missing_prefix_or_bucket_gives_empty_manifest(s3_root, s3_storage_options):
-    options = s3_storage_options
-    assert storage.list_images(f"{s3_root}/nothing-here", options).num_rows == 0
-    assert (
-        storage.list_images(f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/x", options).num_rows == 0
-    )
-
-
-def test_s3_listing_sees_objects_added_after_an_earlier_listing(s3_root, s3_storage_options):
-    options = s3_storage_options
-    storage.write_bytes_atomic(b"1", f"{s3_root}/drop/a.jpg", options)
-    assert storage.list_images(f"{s3_root}/drop", options).num_rows == 1
-
-    # Written behind inmap's back, as a new drop would be.
-    import s3fs
-
-    s3fs.S3FileSystem(skip_instance_cache=True, **options).pipe(f"{s3_root}/drop/b.jpg", b"2")
-
-    assert storage.list_images(f"{s3_root}/drop", options).num_rows == 2
-
-
-def test_s3_wrong_credentials_raise_storage_error_naming_url_with_advice(s3_root, moto_endpoint):
-    # moto accepts any key until authentication is switched on for the server.
-    _set_moto_auth(moto_endpoint, "0")
-    try:
-        bad = {"key": "AKIAWRONG", "secret": "wrong", "endpoint_url": moto_endpoint}
-        with pytest.raises(StorageError) as listed:
-            storage.list_images(f"{s3_root}/drop", bad)
-        with pytest.raises(StorageError) as written:
-            storage.write_bytes_atomic(b"x", f"{s3_root}/out/x.parquet", bad)
-    finally:
-        _set_moto_auth(moto_endpoint, "inf")
-    assert f"{s3_root}/drop" in str(listed.value)
-    assert "AWS_ACCESS_KEY_ID" in str(listed.value)
-    assert f"{s3_root}/out/x.parquet" in str(written.value)
-    assert "credentials" in str(written.value)
-
-
-def _set_moto_auth(endpoint_url: str, no_auth_action_count: str) -> None:
-    request = urllib.request.Request(
-        f"{endpoint_url}/moto-api/reset-auth",
-        data=no_auth_action_count.encode(),
-        headers={"Content-Type": "text/plain"},
-        method="POST",
-    )
-    urllib.request.urlopen(request).read()
-
-
-def test_s3_credentials_and_endpoint_come_from_aws_env_vars(
-    s3_root, s3_storage_options, moto_endpoint, monkeypatch
-):
-    import s3fs
-
-    storage.write_bytes_atomic(b"1", f"{s3_root}/a.jpg", s3_storage_options)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_endpoint)
-    s3fs.S3FileSystem.clear_instance_cache()  # an option-less instance may predate the env vars
-
-    manifest = storage.list_images(s3_root)
-
-    assert manifest.column("uri").to_pylist() == [f"{s3_root}/a.jpg"]
-    s3fs.S3FileSystem.clear_instance_cache()
-
-
-def test_s3_endpoint_can_be_given_through_client_kwargs(s3_root, s3_storage_options, moto_endpoint):
-    storage.write_bytes_atomic(b"1", f"{s3_root}/a.jpg", s3_storage_options)
-    options = {
-        "key": "testing",
-        "secret": "testing",
-        "client_kwargs": {"endpoint_url": moto_endpoint},
-    }
-    assert storage.list_images(s3_root, options).num_rows == 1
+from tests.conftest import touch as _touch
 
 
 @pytest.fixture(params=["local", "memory", "s3"])
@@ -214,17 +39,22 @@ def test_parquet_written_atomically_reads_back_with_metadata(output_root):
     storage.write_parquet_atomic(second, url_2, options)
 
     assert storage.exists(url_1, options)
-    both = storage.read_table([url_1, url_2], storage_options=options)
-    assert both.column("uri").to_pylist() == ["a", "b", "c"]
-    assert both.schema.metadata == {b"model": b"m"}
-    assert storage.read_table(url_2, columns=["n"], storage_options=options).column_names == ["n"]
+    first_back = storage.read_parquet(url_1, storage_options=options)
+    assert first_back.column("uri").to_pylist() == ["a", "b"]
+    assert first_back.schema.metadata == {b"model": b"m"}
+    assert storage.read_parquet(url_2, ["n"], options).column_names == ["n"]
+    assert storage.parquet_rows(url_1, options) == 2
+    assert storage.list_files(storage.join(root, "shards"), options) == {
+        url_1: storage.size(url_1, options),
+        url_2: storage.size(url_2, options),
+    }
 
 
 def test_exists_sees_an_object_written_after_a_cached_listing(output_root):
     root, options = output_root
     url = storage.join(root, "marker.json")
     assert not storage.exists(url, options)
-    storage.list_images(root, options)  # fills s3fs's listing cache for the prefix
+    storage.list_files(root, options)  # fills s3fs's listing cache for the prefix
 
     storage.write_bytes_atomic(b"{}", url, options)
 
@@ -311,30 +141,109 @@ def test_join_builds_urls_with_single_slashes():
     assert storage.join("memory://root", "", "a/b") == "memory://root/a/b"
 
 
-def test_glob_move_and_delete_keep_the_url_form(output_root):
+def test_delete_and_move_aside_keep_the_url_form(output_root):
     root, options = output_root
-    for name in ["a.parquet", "b.parquet", "c.json"]:
+    for name in ["a.parquet", "b.parquet"]:
         storage.write_bytes_atomic(name.encode(), storage.join(root, "stage", name), options)
-
-    staged = storage.glob(storage.join(root, "stage", "*.parquet"), options)
-    assert staged == [
+    url_a, url_b = (
         storage.join(root, "stage", "a.parquet"),
         storage.join(root, "stage", "b.parquet"),
-    ]
+    )
 
-    storage.move(staged[0], storage.join(root, "final", "run1", "a.parquet"), options)
-    storage.delete(staged[1], options)
-    storage.delete(staged[1], options)  # already gone: fine
+    moved = storage.move_aside(url_a, options)
+    storage.delete(url_b, options)
+    storage.delete(url_b, options)  # already gone: fine
 
-    assert storage.glob(storage.join(root, "*", "*", "*.parquet"), options) == [
-        storage.join(root, "final", "run1", "a.parquet")
-    ]
-    assert storage.read_bytes(storage.join(root, "final/run1/a.parquet"), options) == b"a.parquet"
-    assert storage.glob(storage.join(root, "stage", "*.parquet"), options) == []
-    assert storage.glob(storage.join(root, "nowhere", "*.parquet"), options) == []
+    assert moved.startswith(url_a + ".broken-")
+    assert list(storage.list_files(storage.join(root, "stage"), options)) == [moved]
+    assert storage.read_bytes(moved, options) == b"a.parquet"
 
 
 def test_reading_a_missing_object_raises_storage_error_naming_it(tmp_path):
     url = str(tmp_path / "nope.parquet")
     with pytest.raises(StorageError, match="nope.parquet"):
-        storage.read_table(url)
+        storage.read_parquet(url)
+
+
+@pytest.mark.parametrize("content", [b"", b"PAR1 but not really", b"hello"])
+def test_an_empty_or_torn_parquet_file_is_a_corrupt_file_error(tmp_path, content):
+    path = tmp_path / "shard.parquet"
+    path.write_bytes(content)
+    with pytest.raises(storage.CorruptFileError, match="shard.parquet"):
+        storage.parquet_rows(str(path))
+
+
+def test_a_local_read_refused_for_permissions_advises_read_access(tmp_path, monkeypatch):
+    from fsspec.implementations.local import LocalFileSystem
+
+    def refuse(self, path, *args, **kwargs):  # what a chmod 000 file gives a non-root user
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(LocalFileSystem, "cat_file", refuse)
+    with pytest.raises(StorageError, match="may read it") as error:
+        storage.read_bytes(str(tmp_path / "secret.jpg"))
+    assert "write" not in str(error.value)
+
+
+def test_transient_read_failures_are_retried_until_they_pass(monkeypatch):
+    calls = []
+
+    def flaky(fs, path, uri):
+        calls.append(uri)
+        if len(calls) < 3:
+            raise storage.TransientStorageError(f"cannot read {uri}: 503 SlowDown")
+        return b"ok"
+
+    monkeypatch.setattr(storage, "_read_from", flaky)
+    [(uri, data)] = list(storage.read_bytes_many(["memory://x/a.jpg"], retry_seconds=30))
+
+    assert data == b"ok" and len(calls) == 3
+
+
+def test_a_read_still_failing_after_the_window_is_returned_not_raised(monkeypatch):
+    def down(fs, path, uri):
+        raise storage.TransientStorageError(f"cannot read {uri}: connection reset")
+
+    monkeypatch.setattr(storage, "_read_from", down)
+    [(uri, error)] = list(storage.read_bytes_many(["memory://x/a.jpg"], retry_seconds=1.0))
+
+    assert isinstance(error, storage.TransientStorageError)
+
+
+def test_s3_keys_with_a_question_mark_are_read_as_keys(s3_root, s3_storage_options):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_storage_options)
+    bucket = s3_root.removeprefix("s3://")
+    put = {"photo?versionId=1.jpg": b"the photo", "photo": b"WRONG OBJECT", "a?b.jpg": b"ab"}
+    for key, data in put.items():
+        from fsspec.asyn import sync
+
+        sync(fs.loop, fs._call_s3, "put_object", Bucket=bucket, Key=key, Body=data)
+
+    assert storage.read_bytes(f"{s3_root}/photo?versionId=1.jpg", s3_storage_options) == (
+        b"the photo"
+    )
+    assert storage.read_bytes(f"{s3_root}/a?b.jpg", s3_storage_options) == b"ab"
+
+
+def test_conditional_create_lets_exactly_one_writer_win(output_root):
+    root, options = output_root
+    url = storage.join(root, "lease", "1.json")
+
+    assert storage.create_exclusive(b"first", url, options)
+    assert not storage.create_exclusive(b"second", url, options)
+    assert storage.read_bytes(url, options) == b"first"
+
+
+def test_old_temporary_files_are_swept_and_fresh_ones_kept(tmp_path):
+    old = tmp_path / "a" / f".x.parquet.1234{storage.TEMPORARY_SUFFIX}"
+    fresh = tmp_path / f".y.parquet.5678{storage.TEMPORARY_SUFFIX}"
+    _touch(old)
+    _touch(fresh)
+    os.utime(old, (1_700_000_000, 1_700_000_000))
+
+    removed = storage.sweep_temporary_files(str(tmp_path))
+
+    assert removed == [str(old)]
+    assert fresh.exists()

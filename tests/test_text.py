@@ -1,32 +1,24 @@
-"""Text proxies from a tiny random open_clip model registered here (no weights to download)."""
+"""Text proxies from the project's tiny random open_clip model (no weights to download)."""
 
 from __future__ import annotations
-
-import json
 
 import open_clip
 import pytest
 import torch
 
+from inmap.errors import ClassesError
+from inmap.model import TINY_MODEL
 from inmap.text import TEMPLATES, text_proxy
 
-TINY = "inmap-test-text-tiny"
-TINY_CONFIG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
 CLASSES = ["goldfish", "tabby cat", "fire truck"]
+EMBED_DIM = 64
 
 
 @pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model-config") / f"{TINY}.json"
-    path.write_text(json.dumps(TINY_CONFIG))
-    open_clip.add_model_config(str(path))
+def tiny_clip():
     torch.manual_seed(0)
-    model = open_clip.create_model(TINY, pretrained=None).eval()
-    return model, open_clip.get_tokenizer(TINY)
+    model = open_clip.create_model(TINY_MODEL, pretrained=None).eval()
+    return model, open_clip.get_tokenizer(TINY_MODEL)
 
 
 def mean_of_template_embeddings(model, tokenizer, name: str, templates) -> torch.Tensor:
@@ -38,14 +30,16 @@ def mean_of_template_embeddings(model, tokenizer, name: str, templates) -> torch
 
 
 def test_paper_templates_are_the_seven_from_the_paper():
-    assert TEMPLATES["paper"] == (
-        "itap of a {}.",
-        "a origami {}.",
-        "a bad photo of the {}.",
-        "a photo of the large {}.",
-        "a {} in a video game.",
-        "art of the {}.",
-        "a photo of the small {}.",
+    assert sorted(template("{}") for template in TEMPLATES["paper"]) == sorted(
+        [
+            "itap of a {}.",
+            "a origami {}.",
+            "a bad photo of the {}.",
+            "a photo of the large {}.",
+            "a {} in a video game.",
+            "art of the {}.",
+            "a photo of the small {}.",
+        ]
     )
 
 
@@ -58,7 +52,7 @@ def test_openai_templates_are_open_clips_eighty():
 def test_text_proxy_rows_are_unit_norm_class_means_in_class_order(tiny_clip):
     model, tokenizer = tiny_clip
     proxy = text_proxy(model, tokenizer, CLASSES)
-    assert proxy.shape == (len(CLASSES), TINY_CONFIG["embed_dim"])
+    assert proxy.shape == (len(CLASSES), EMBED_DIM)
     assert proxy.dtype == torch.float32
     torch.testing.assert_close(proxy.norm(dim=1), torch.ones(len(CLASSES)))
     for row, name in zip(proxy, CLASSES, strict=True):
@@ -98,3 +92,12 @@ def test_bad_templates_or_class_names_are_refused(tiny_clip, templates, classnam
     model, tokenizer = tiny_clip
     with pytest.raises(ValueError, match=message):
         text_proxy(model, tokenizer, classnames, templates=templates)
+
+
+def test_class_names_cut_to_the_same_prompt_are_refused(tiny_clip):
+    model, tokenizer = tiny_clip
+    stem = "a very long and detailed description of an unusual object " * 8
+    with pytest.raises(ClassesError, match="the same once cut to the text encoder's 77 tokens"):
+        text_proxy(model, tokenizer, ["cat", stem + "left", stem + "right"])
+    # Long names that differ early are fine.
+    text_proxy(model, tokenizer, ["left " + stem, "right " + stem])

@@ -1,0 +1,148 @@
+"""The command line's view of a run: one live progress display (rich) with a line per stage, or
+plain log lines when the output is not a terminal.
+
+Input mistakes read as one line: while the run goes, tracebacks of `InputError`s are kept out of
+the console (they still reach the run's logs in Prefect), and the caller prints the message.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import Callable
+
+from inmap import progress
+from inmap.errors import InputError
+
+STAGES = {  # stage -> (line shown, unit)
+    "list": ("listed", "images"),
+    "embed": ("embedded", "images"),
+    "learn": ("learning", "steps"),
+    "predict": ("predicted", "images"),
+}
+
+
+def run_with_console(flow: Callable, parameters: dict, *, live: bool = True):
+    """Call `flow(**parameters)` with a live display when stderr is a terminal."""
+    hidden = _InputErrorTracebacks()
+    handlers = _console_handlers()
+    for handler in handlers:
+        handler.addFilter(hidden)
+    _say_server_start()
+    try:
+        if live and sys.stderr.isatty():
+            with _LiveDisplay() as display:
+                unsubscribe = progress.subscribe(display.report)
+                try:
+                    return flow(**parameters)
+                finally:
+                    unsubscribe()
+        return flow(**parameters)
+    finally:
+        for handler in handlers:
+            handler.removeFilter(hidden)
+
+
+class _LiveDisplay:
+    """A rich Progress with one task per stage; pieces (shards) of a stage are summed."""
+
+    def __init__(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("{task.description:<10}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[unit]}"),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            redirect_stderr=True,
+            redirect_stdout=True,
+            transient=False,
+        )
+        self.tasks: dict[str, int] = {}
+        self.pieces: dict[str, dict[str, tuple[int, int]]] = {}
+        self.lock = threading.Lock()
+
+    def __enter__(self) -> _LiveDisplay:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def report(self, stage: str, piece: str, done: int, total: int) -> None:
+        label, unit = STAGES.get(stage, (stage, ""))
+        with self.lock:
+            pieces = self.pieces.setdefault(stage, {})
+            pieces[piece] = (done, total)
+            announced = pieces.get(progress.WHOLE_STAGE)
+            done_sum = sum(d for p, (d, _) in pieces.items() if p != progress.WHOLE_STAGE)
+            total_sum = announced[1] if announced else sum(t for _, t in pieces.values())
+            if stage not in self.tasks:
+                self.tasks[stage] = self.progress.add_task(label, total=total_sum, unit=unit,
+                                                           rate="")  # fmt: skip
+            task_id = self.tasks[stage]
+            self.progress.update(task_id, completed=done_sum, total=max(total_sum, done_sum))
+            speed = self.progress.tasks[task_id].speed
+            rate = f"{speed:.1f} {unit}/s" if speed else ""
+            self.progress.update(task_id, rate=rate)
+
+
+class _InputErrorTracebacks(logging.Filter):
+    """Drops the engine's records of an input mistake (its traceback, its "Finished in state
+    Failed" line) from the console; the run's API logs keep them. The CLI prints the one line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names = {cls.__name__ for cls in _subclasses(InputError)}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        while error is not None:
+            if isinstance(error, InputError):
+                return False
+            error = error.__cause__ or error.__context__
+        message = record.getMessage()
+        return not ("Failed(" in message and any(name in message for name in self.names))
+
+
+def _subclasses(cls: type) -> set[type]:
+    found = {cls}
+    for sub in cls.__subclasses__():
+        found |= _subclasses(sub)
+    return found
+
+
+def _console_handlers() -> list[logging.Handler]:
+    """The handlers that print Prefect's and inmap's logs to the terminal (Prefect's console
+    handler on the root logger, set up when Prefect was imported), not the API's."""
+    return [
+        handler
+        for handler in logging.getLogger().handlers
+        if isinstance(handler, logging.StreamHandler)
+    ]
+
+
+def _say_server_start() -> None:
+    import os
+
+    if not os.environ.get("PREFECT_API_URL"):
+        timeout = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "20")
+        print(
+            f"inmap: starting Prefect's embedded server (up to {timeout}s on a busy machine; "
+            "set PREFECT_API_URL to use a running one)",
+            file=sys.stderr,
+        )

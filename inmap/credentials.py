@@ -1,0 +1,76 @@
+"""Secrets never travel as parameters: Prefect stores flow and deployment parameters in plain text
+(its database, API, UI and `--watch` output).
+
+Storage options given to a run may hold where and how to connect (`endpoint_url`, a region,
+`anon`, a profile name), never a secret. Credentials come from the standard AWS sources, read by
+botocore and delta-rs themselves (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, instance
+and IRSA roles), or from a Prefect `AwsCredentials` block named by the run, loaded inside the tasks
+that touch storage (see tasks/credentials.py) and never passed back out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from inmap.errors import CredentialsRefusedError
+
+# Option names, in any case and at any depth, that hold a secret: s3fs (key, secret, token),
+# botocore client_kwargs (aws_access_key_id, aws_secret_access_key, aws_session_token), delta-rs
+# and object_store (AWS_SECRET_ACCESS_KEY, ...), and other stores' passwords, tokens and keys.
+SECRET_NAMES = frozenset({"key", "secret", "token", "password", "passwd", "session_token"})
+SECRET_PARTS = ("secret", "password", "token", "access_key", "account_key", "credential",
+                "private_key", "sas")  # fmt: skip
+
+SAFE_WAYS = (
+    "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment of the "
+    "process that runs the flow, use an instance or IRSA role, or save a Prefect AwsCredentials "
+    "block and name it (--credentials-block NAME, or the flow parameter credentials_block)"
+)
+
+
+def secret_fields(options: Mapping | None, prefix: str = "") -> list[str]:
+    """Dotted names of the fields of `options` that hold secrets."""
+    found = []
+    for name, value in (options or {}).items():
+        dotted = f"{prefix}{name}"
+        lowered = str(name).lower()
+        if isinstance(value, Mapping):
+            found += secret_fields(value, dotted + ".")
+        elif lowered in SECRET_NAMES or any(part in lowered for part in SECRET_PARTS):
+            found.append(dotted)
+    return found
+
+
+def refuse_secrets(options: Mapping | None, where: str = "storage_options") -> dict:
+    """`options` as a plain dict, or `CredentialsRefusedError` naming the secret fields."""
+    found = secret_fields(options)
+    if found:
+        raise CredentialsRefusedError(
+            f"{where} hold secret field(s) {', '.join(found)}, which Prefect would store in plain "
+            f"text; pass only non-secret options (endpoint_url, region_name, anon) and instead "
+            f"{SAFE_WAYS}"
+        )
+    return dict(options or {})
+
+
+def s3fs_options(
+    *,
+    access_key_id: str | None = None,
+    secret_access_key: str | None = None,
+    session_token: str | None = None,
+    profile: str | None = None,
+    region: str | None = None,
+) -> dict:
+    """s3fs options for explicit credentials (from a block): what `Job.credentials` holds."""
+    options: dict = {}
+    if access_key_id:
+        options["key"] = access_key_id
+    if secret_access_key:
+        options["secret"] = secret_access_key
+    if session_token:
+        options["token"] = session_token
+    if profile:
+        options["profile"] = profile
+    if region:
+        options["client_kwargs"] = {"region_name": region}
+    return options

@@ -1,0 +1,215 @@
+"""Embedding: plan shards of images that have no embedding yet, and embed one shard.
+
+An embedding shard is one content-addressed Parquet file; it is written once, atomically, and its
+existence is the cache. Beside the shards, a small Delta table (`_index`) holds (uri, etag, shard)
+for every embedded image, so planning a run reads about 100 bytes per archived image and never a
+vector. The index is derived: a shard written just before a crash, with no index rows yet, is
+adopted at the next planning from its two small columns; index rows whose shard is gone or has
+another size are ignored, and their images embedded again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from inmap import failures, layout, storage, tables
+from inmap.job import Job
+from inmap.pairs import anti_join, semi_join
+from inmap.schemas import EMBEDDING_INDEX_SCHEMA
+
+logger = logging.getLogger(__name__)
+INDEX_DIR = "_index"
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """A shard of images to embed, named by the hash of its content and of how it is embedded."""
+
+    shard_id: str
+    uris: tuple[str, ...]
+    etags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class EmbeddingPlan:
+    shards: list[ShardPlan]
+    cached: int  # listed images that already have an embedding
+    known_failures: int  # listed images that failed to decode before, unchanged since
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    shard_id: str
+    embedded: int
+    failed: int  # decode failures and vanished objects: error rows, never blocking
+    cached: bool
+    unreadable: tuple[tuple[str, str], ...] = ()  # (uri, reason) still unreadable after retries
+
+
+def index_uri(job: Job) -> str:
+    return storage.join(layout.embedding_dir(job.output, job.model), INDEX_DIR)
+
+
+def embedding_index(job: Job) -> pa.Table:
+    """(uri, etag, shard_uri) of every image embedded with the job's model, one row per image.
+
+    Reads the index table and lists the shard files (sizes only); see the module docstring."""
+    directory = layout.embedding_dir(job.output, job.model)
+    files = {
+        storage.basename(url).removesuffix(".parquet"): size
+        for url, size in storage.list_files(directory, job.options).items()
+        if url.endswith(".parquet")
+    }
+    index = tables.read(index_uri(job), job.options)
+    if index is None:
+        index = EMBEDDING_INDEX_SCHEMA.empty_table()
+    listed = pa.table(
+        {
+            "shard_id": pa.array(list(files), pa.string()),
+            "listed_bytes": pa.array(list(files.values()), pa.int64()),
+        }
+    )
+    joined = index.join(listed, "shard_id", join_type="inner")
+    valid = joined.filter(pc.equal(joined["shard_bytes"], joined["listed_bytes"]))
+    orphans = set(files) - set(index["shard_id"].to_pylist())
+    if orphans:
+        adopted = _adopt(sorted(orphans), files, job)
+        index_columns = valid.select(EMBEDDING_INDEX_SCHEMA.names).cast(EMBEDDING_INDEX_SCHEMA)
+        valid = pa.concat_tables([index_columns, adopted])
+    valid = _first_per_image(valid)
+    shard_uris = pc.binary_join_element_wise(
+        pa.scalar(directory + "/"), valid["shard_id"], pa.scalar(".parquet"), ""
+    )
+    return pa.table({"uri": valid["uri"], "etag": valid["etag"], "shard_uri": shard_uris})
+
+
+def _first_per_image(index: pa.Table) -> pa.Table:
+    """One row per (uri, etag): two runs may have embedded an image twice before the lease."""
+    if index.num_rows == 0:
+        return index
+    keys = pc.binary_join_element_wise(index["uri"], index["etag"], "\x00")
+    numbered = index.append_column("_key", keys).append_column(
+        "_row", pa.array(range(index.num_rows), pa.int64())
+    )
+    first = numbered.group_by("_key", use_threads=False).aggregate([("_row", "min")])
+    return index.take(pc.sort_indices(first["_row_min"]))
+
+
+def _adopt(shard_ids: list[str], sizes: dict[str, int], job: Job) -> pa.Table:
+    """Index rows for shards with none (a crash between writing a shard and indexing it); a
+    file that is not Parquet is moved aside, so its images are embedded again."""
+    rows = []
+    for shard_id in shard_ids:
+        url = layout.shard_uri(job.output, job.model, shard_id)
+        try:
+            pairs = storage.read_parquet(url, ["uri", "etag"], job.options)
+        except storage.CorruptFileError as error:
+            moved = storage.move_aside(url, job.options)
+            logger.warning("%s; moved it to %s and will embed its images again", error, moved)
+            continue
+        rows.append(_index_rows(pairs, shard_id, sizes[shard_id]))
+    if not rows:
+        return EMBEDDING_INDEX_SCHEMA.empty_table()
+    adopted = pa.concat_tables(rows)
+    tables.append(index_uri(job), adopted, job.options, app_id=None)
+    logger.warning("indexed %d shard(s) written before an interruption", len(rows))
+    return adopted
+
+
+def _index_rows(pairs: pa.Table, shard_id: str, shard_bytes: int) -> pa.Table:
+    n = pairs.num_rows
+    return pa.table(
+        {
+            "uri": pairs["uri"],
+            "etag": pairs["etag"],
+            "shard_id": pa.array([shard_id] * n, pa.string()),
+            "shard_bytes": pa.array([shard_bytes] * n, pa.int64()),
+        },
+        schema=EMBEDDING_INDEX_SCHEMA,
+    )
+
+
+def plan_embedding(
+    manifest: pa.Table, index: pa.Table, known_failures: pa.Table, job: Job
+) -> EmbeddingPlan:
+    """Cut the listed images with no embedding yet into shards of at most `job.shard_size`.
+
+    Only new or changed objects are planned, so a new drop embeds only itself and a rerun after a
+    crash resumes where it stopped. Sorting by uri keeps the plan, and so the shard ids, stable.
+    Images that failed to decode before are skipped until they change."""
+    from inmap.encoder import load_encoder
+
+    pending = anti_join(anti_join(manifest, index), known_failures).sort_by("uri")
+    cached = semi_join(manifest, index).num_rows
+    skipped = semi_join(anti_join(manifest, index), known_failures).num_rows
+    if pending.num_rows == 0:
+        return EmbeddingPlan([], cached, skipped)
+    preprocessing_id = load_encoder(job.model).preprocessing_id
+    uris = pending["uri"].to_pylist()
+    etags = pending["etag"].to_pylist()
+    shards = []
+    for start in range(0, len(uris), job.shard_size):
+        chunk_uris = tuple(uris[start : start + job.shard_size])
+        chunk_etags = tuple(etags[start : start + job.shard_size])
+        shard_id = layout.shard_id(chunk_uris, chunk_etags, job.model, preprocessing_id)
+        shards.append(ShardPlan(shard_id, chunk_uris, chunk_etags))
+    return EmbeddingPlan(shards, cached, skipped)
+
+
+def embed_shard(
+    plan: ShardPlan, job: Job, on_progress: Callable[[int, int], None] | None = None
+) -> ShardResult:
+    """Embed one shard unless its file exists, recording failures, then index it.
+
+    Order: error rows first, then the shard file (its existence means the shard is done), then the
+    index rows. A crash between any two is repaired by the next run."""
+    from inmap.batches import embed_images
+    from inmap.encoder import load_encoder
+
+    url = layout.shard_uri(job.output, job.model, plan.shard_id)
+    if storage.exists(url, job.options):
+        try:
+            rows = storage.parquet_rows(url, job.options)
+        except storage.CorruptFileError as error:
+            moved = storage.move_aside(url, job.options)
+            logger.warning("%s; moved it to %s and embedding it again", error, moved)
+        else:
+            _index_shard(url, plan.shard_id, job)
+            return ShardResult(plan.shard_id, rows, 0, cached=True)
+    encoder = load_encoder(job.model)
+    result = embed_images(
+        encoder,
+        zip(plan.uris, plan.etags, strict=True),
+        storage_options=job.options,
+        batch_size=job.batch_size,
+        retry_seconds=job.read_retry_seconds,
+        pixel_budget=job.pixel_budget,
+        on_progress=on_progress,
+    )
+    failures.record(result.failures, job)
+    storage.write_parquet_atomic(result.embeddings, url, job.options)
+    _index_shard(url, plan.shard_id, job, result.embeddings.select(["uri", "etag"]))
+    unreadable = tuple((uri, f.reason) for uri, _, f in result.failures if f.stage == "read")
+    return ShardResult(
+        plan.shard_id,
+        result.embeddings.num_rows,
+        len(result.failures) - len(unreadable),
+        cached=False,
+        unreadable=unreadable,
+    )
+
+
+def _index_shard(url: str, shard_id: str, job: Job, pairs: pa.Table | None = None) -> None:
+    """Index the shard at `url` once: the app transaction makes a repeat a no-op."""
+    size = storage.size(url, job.options)
+    app_id = f"inmap-index-{shard_id}-{size}"
+    if tables.committed(index_uri(job), app_id, job.options):
+        return
+    if pairs is None:
+        pairs = storage.read_parquet(url, ["uri", "etag"], job.options)
+    tables.append(index_uri(job), _index_rows(pairs, shard_id, size), job.options, app_id=app_id)

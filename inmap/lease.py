@@ -1,0 +1,186 @@
+"""A run lease per output: two runs never work on one output at once.
+
+The lease is a series of small JSON objects under ``OUT/_lease/``, one per generation
+(``000000000007.json``), each created with a conditional create (If-None-Match on S3, O_EXCL on a
+local disk), so of two runs taking generation n+1 exactly one succeeds. The newest generation is
+the lease: it names the run, host and pid, and an expiry that the holder pushes forward while it
+lives. A run finding a live lease waits, up to `wait` seconds, then fails naming the holder. A
+lease whose holder was killed expires and is taken over by creating the next generation; a holder
+that finds a newer generation than its own has lost the lease and must not commit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+
+from inmap import storage
+from inmap.errors import OutputBusyError, StorageError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TTL = 90.0  # seconds a lease lives without renewal: how soon a killed run is taken over
+DEFAULT_WAIT = 300.0  # how long a second run waits for the holder before giving up
+POLL_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    run_id: str
+    host: str
+    pid: int
+    started: float
+    expires: float
+
+    def describe(self) -> str:
+        expiry = datetime.fromtimestamp(self.expires, timezone.utc).strftime("%H:%M:%S UTC")
+        return f"run {self.run_id} (host {self.host}, pid {self.pid}), expiring at {expiry}"
+
+
+class Lease:
+    """A held lease; renewed by a background thread until `release`."""
+
+    def __init__(self, url: str, record: LeaseRecord, ttl: float, storage_options: dict | None):
+        self.url, self.record, self.ttl = url, record, ttl
+        self._options = storage_options
+        self._stop = threading.Event()
+        self._lost: str | None = None
+        self._thread = threading.Thread(target=self._renew_loop, name="inmap-lease", daemon=True)
+        self._thread.start()
+
+    def check(self) -> None:
+        """Raise if the lease was lost (taken over after this run stalled past its expiry)."""
+        if self._lost:
+            raise OutputBusyError(self._lost)
+
+    def release(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        if not self._lost:
+            try:
+                storage.delete(self.url, self._options)
+            except StorageError as error:  # it expires on its own
+                logger.warning("could not release the lease %s: %s", self.url, error)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                directory = self.url.rsplit("/", 1)[0]
+                newest = max(_generations(directory, self._options), default=None)
+                mine = _generation_of(self.url)
+                if newest is not None and newest > mine:
+                    self._lost = f"the lease on {directory} was taken over by a later run"
+                    logger.error(self._lost)
+                    return
+                record = LeaseRecord(**{**asdict(self.record), "expires": time.time() + self.ttl})
+                storage.write_bytes_atomic(_encode(record), self.url, self._options)
+                self.record = record
+            except Exception as error:  # keep trying until the lease would expire
+                logger.warning("could not renew the lease %s: %s", self.url, error)
+                if time.time() > self.record.expires:
+                    self._lost = f"the lease {self.url} expired: renewing failed ({error})"
+                    return
+
+
+def acquire(
+    output: str,
+    run_id: str,
+    storage_options: dict | None = None,
+    *,
+    ttl: float = DEFAULT_TTL,
+    wait: float = DEFAULT_WAIT,
+) -> Lease:
+    """Take the output's lease, waiting up to `wait` seconds for a live holder."""
+    directory = storage.join(output, "_lease")
+    deadline = time.monotonic() + wait
+    announced = False
+    while True:
+        generations = _generations(directory, storage_options)
+        newest = max(generations, default=0)
+        holder = _live_holder(directory, newest, storage_options) if newest else None
+        if holder is None:
+            now = time.time()
+            record = LeaseRecord(run_id, socket.gethostname(), os.getpid(), now, now + ttl)
+            url = _url(directory, newest + 1)
+            if storage.create_exclusive(_encode(record), url, storage_options):
+                for old in generations:  # expired or released: clear them away
+                    if old < newest:
+                        storage.delete(_url(directory, old), storage_options)
+                return Lease(url, record, ttl, storage_options)
+            continue  # another run took that generation first: look again
+        if holder.run_id == run_id:
+            raise OutputBusyError(f"run {run_id} already holds the lease on {output}")
+        if time.monotonic() >= deadline:
+            raise OutputBusyError(
+                f"output {output} is in use by {holder.describe()}; waited {wait:.0f}s. Run again "
+                "later, or raise --lease-wait; a killed run's lease expires on its own"
+            )
+        if not announced:
+            logger.warning("output %s is in use by %s; waiting", output, holder.describe())
+            announced = True
+        time.sleep(min(POLL_SECONDS, max(deadline - time.monotonic(), 0.05)))
+
+
+def _live_holder(
+    directory: str, generation: int, storage_options: dict | None
+) -> LeaseRecord | None:
+    """The record of `generation` if it is live; None if expired or released (gone)."""
+    url = _url(directory, generation)
+    try:
+        record = LeaseRecord(**json.loads(storage.read_bytes(url, storage_options)))
+    except StorageError as error:
+        if "not found" in str(error):
+            return None  # released between listing and reading
+        raise
+    except (ValueError, TypeError):
+        # Being written right now (a local create is not atomic), or left torn by a crash: live
+        # for one ttl after it was last written.
+        written = storage.modified(url, storage_options)
+        record = LeaseRecord("unknown", "unknown", 0, written, written + DEFAULT_TTL)
+    return record if record.expires > time.time() else None
+
+
+def _generations(directory: str, storage_options: dict | None) -> list[int]:
+    return [
+        _generation_of(url)
+        for url in storage.list_files(directory, storage_options)
+        if url.endswith(".json") and storage.basename(url)[:-5].isdigit()
+    ]
+
+
+def _generation_of(url: str) -> int:
+    return int(storage.basename(url)[:-5])
+
+
+def _url(directory: str, generation: int) -> str:
+    return storage.join(directory, f"{generation:012d}.json")
+
+
+def _encode(record: LeaseRecord) -> bytes:
+    return json.dumps(asdict(record)).encode()
+
+
+def verify(url: str | None, storage_options: dict | None = None) -> None:
+    """Raise `OutputBusyError` unless the lease at `url` is still the output's newest: a run that
+    stalled past its expiry and was taken over must not commit."""
+    if url is None:
+        return
+    directory = url.rsplit("/", 1)[0]
+    newest = max(_generations(directory, storage_options), default=None)
+    if newest != _generation_of(url):
+        raise OutputBusyError(
+            f"this run's lease {url} was taken over by a later run while it stalled; it commits "
+            "nothing (the later run labels these images)"
+        )

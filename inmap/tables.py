@@ -1,0 +1,350 @@
+"""Delta Lake tables (delta-rs): atomic commits, no duplicates, readable by every engine.
+
+Predictions, errors, runs and the embedding index are Delta tables. A commit is one transaction:
+readers see all of it or none of it. Writers that race are resolved by Delta's optimistic
+concurrency: the loser's commit fails with a conflict, and `upsert` / `insert_new` re-read the
+table and merge again, so the second writer inserts only the rows the first did not. A commit
+tagged with an application transaction id (`app_id`) is skipped once that id is in the log, so a
+retried commit is a no-op.
+
+On S3, delta-rs commits with conditional PUTs (If-None-Match: AWS S3, MinIO, R2 and moto support
+it), with the same credentials as every other storage path (`delta_options`).
+
+What delta-rs 1.6 needs, found by trying (tests/test_tables.py pins it): every write is a table
+create plus a MERGE, since `write_deltalake` panics on local paths holding `[` or `]`; reads run
+with `use_threads=False`, since pyarrow's scanner threads otherwise abort the process at exit
+about one time in three ("terminate called without an active exception"); an AWS profile is
+resolved to keys here, since delta-rs ignores `AWS_PROFILE` unless forced.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import time
+from collections.abc import Sequence
+
+import pyarrow as pa
+
+from inmap import storage
+from inmap.errors import OutputPathError, StorageError
+
+logger = logging.getLogger(__name__)
+
+COMMIT_ATTEMPTS = 12
+APP_VERSION = 1  # each app_id commits once
+
+
+def table_uri(url: str) -> str:
+    """The spelling of `url` that delta-rs reads and writes: an absolute local path, or the URL."""
+    if storage.is_local(url):
+        return os.path.abspath(url.removeprefix("file://"))
+    return url
+
+
+def delta_options(storage_options: dict | None) -> dict[str, str]:
+    """fsspec/s3fs options as delta-rs (object_store) options, for the same bucket and identity.
+
+    Keys not given here come from the environment, as for s3fs; a profile (the `profile` option
+    or AWS_PROFILE) is resolved to its keys by botocore, as s3fs would."""
+    storage_options = dict(storage_options or {})
+    client_kwargs = dict(storage_options.get("client_kwargs") or {})
+    options: dict[str, str] = {}
+    endpoint = (
+        storage_options.get("endpoint_url")
+        or client_kwargs.get("endpoint_url")
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
+    if endpoint:  # an empty AWS_ENDPOINT_URL makes delta-rs panic: set it only when there is one
+        options["AWS_ENDPOINT_URL"] = str(endpoint)
+        if str(endpoint).startswith("http://"):
+            options["AWS_ALLOW_HTTP"] = "true"
+    region = (
+        storage_options.get("region_name")
+        or client_kwargs.get("region_name")
+        or os.environ.get("AWS_REGION")
+        or os.environ.get("AWS_DEFAULT_REGION")
+        or "us-east-1"  # botocore's default too; without one, delta-rs asks the instance metadata
+    )
+    options["AWS_REGION"] = str(region)
+    for ours, theirs in (
+        ("key", "AWS_ACCESS_KEY_ID"),
+        ("secret", "AWS_SECRET_ACCESS_KEY"),
+        ("token", "AWS_SESSION_TOKEN"),
+    ):
+        if storage_options.get(ours):
+            options[theirs] = str(storage_options[ours])
+    if storage_options.get("anon"):
+        options["AWS_SKIP_SIGNATURE"] = "true"
+    profile = storage_options.get("profile") or os.environ.get("AWS_PROFILE")
+    if profile and "AWS_ACCESS_KEY_ID" not in options:
+        options.update(_profile_keys(str(profile)))
+    return options
+
+
+def _profile_keys(profile: str) -> dict[str, str]:
+    import botocore.session
+
+    credentials = botocore.session.Session(profile=profile).get_credentials()
+    if credentials is None:
+        return {}
+    frozen = credentials.get_frozen_credentials()
+    keys = {"AWS_ACCESS_KEY_ID": frozen.access_key, "AWS_SECRET_ACCESS_KEY": frozen.secret_key}
+    if frozen.token:
+        keys["AWS_SESSION_TOKEN"] = frozen.token
+    return keys
+
+
+def _options_for(url: str, storage_options: dict | None) -> dict[str, str] | None:
+    return None if storage.is_local(url) else delta_options(storage_options)
+
+
+def open_table(url: str, storage_options: dict | None = None):
+    """The DeltaTable at `url`, or None where there is none yet.
+
+    (Not `DeltaTable.is_deltatable`: it holds the GIL while it waits on the store, which starves
+    a store served from the same process, as moto is in tests.)"""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    try:
+        return DeltaTable(table_uri(url), storage_options=_options_for(url, storage_options))
+    except TableNotFoundError:
+        return None
+    except Exception as error:
+        raise _storage_error(url, "open", error) from error
+
+
+def read(
+    url: str,
+    storage_options: dict | None = None,
+    *,
+    columns: Sequence[str] | None = None,
+    partition: tuple[str, str] | None = None,
+) -> pa.Table | None:
+    """The table's current version (only `columns`, only rows of one `partition` value), or None
+    where there is no table. Parquet column projection: unread columns cost nothing."""
+    import pyarrow.compute as pc
+
+    table = open_table(url, storage_options)
+    if table is None:
+        return None
+    try:
+        if partition:
+            predicate = [(partition[0], "=", partition[1])]
+            dataset = table.to_pyarrow_dataset(file_pruning_predicate=predicate)
+            wanted = pc.field(partition[0]) == partition[1]
+        else:
+            dataset, wanted = table.to_pyarrow_dataset(), None
+        return dataset.to_table(
+            columns=list(columns) if columns else None, filter=wanted, use_threads=False
+        )
+    except Exception as error:
+        raise _storage_error(url, "read", error) from error
+
+
+def committed(url: str, app_id: str, storage_options: dict | None = None) -> bool:
+    """Whether a commit tagged `app_id` is in the table's log."""
+    table = open_table(url, storage_options)
+    return table is not None and (table.transaction_version(app_id) or 0) >= APP_VERSION
+
+
+def append(
+    url: str,
+    rows: pa.Table,
+    storage_options: dict | None = None,
+    *,
+    app_id: str | None,
+    partition_by: Sequence[str] | None = None,
+) -> bool:
+    """Append `rows` in one transaction (creating the table); False if `app_id` was committed."""
+    return _merge(url, rows, (), storage_options, app_id, partition_by, update=False) >= 0
+
+
+def insert_new(
+    url: str,
+    rows: pa.Table,
+    keys: Sequence[str],
+    storage_options: dict | None = None,
+    *,
+    app_id: str | None = None,
+    partition_by: Sequence[str] | None = None,
+) -> int:
+    """Insert the rows whose `keys` are not in the table yet, in one transaction; returns how
+    many were new (0 when `app_id` was already committed: a retried commit is a no-op)."""
+    return max(_merge(url, rows, keys, storage_options, app_id, partition_by, update=False), 0)
+
+
+def upsert(
+    url: str,
+    rows: pa.Table,
+    keys: Sequence[str],
+    storage_options: dict | None = None,
+    *,
+    partition_by: Sequence[str] | None = None,
+) -> int:
+    """Insert new rows and replace those whose `keys` match, in one transaction."""
+    return _merge(url, rows, keys, storage_options, None, partition_by, update=True)
+
+
+def _merge(url, rows, keys, storage_options, app_id, partition_by, update) -> int:
+    """One MERGE of `rows` on `keys` (no keys: append); -1 if `app_id` was already committed."""
+    from deltalake import CommitProperties, Transaction
+
+    if keys:
+        rows = _distinct(rows, keys)
+
+    def attempt() -> int:
+        table = _create(url, rows.schema, partition_by, storage_options)
+        if app_id and (table.transaction_version(app_id) or 0) >= APP_VERSION:
+            return -1
+        predicate = " AND ".join(f"t.{key} = s.{key}" for key in keys) or "false"
+        literal = _partition_literal(rows, partition_by) if keys else None
+        if literal:  # lets delta-rs skip every other partition's files
+            predicate = f"{literal} AND {predicate}"
+        merger = table.merge(
+            rows,
+            predicate,
+            source_alias="s",
+            target_alias="t",
+            commit_properties=CommitProperties(
+                app_transactions=[Transaction(app_id, APP_VERSION)] if app_id else None,
+                max_commit_retries=0,  # conflicts come back here, to re-read and merge again
+            ),
+        )
+        if update:
+            merger = merger.when_matched_update_all()
+        metrics = merger.when_not_matched_insert_all().execute()
+        return int(metrics.get("num_target_rows_inserted", 0))
+
+    return _retrying(url, "commit to", attempt)
+
+
+def _create(url: str, schema: pa.Schema, partition_by, storage_options):
+    """The table at `url`, created empty with `schema` if there is none (a racing creator wins
+    and its table is used)."""
+    from deltalake import DeltaTable
+
+    table = open_table(url, storage_options)
+    if table is not None:
+        return table
+    try:
+        return DeltaTable.create(
+            table_uri(url),
+            schema=schema,
+            partition_by=list(partition_by) if partition_by else None,
+            mode="ignore",
+            storage_options=_options_for(url, storage_options),
+        )
+    except Exception:
+        table = open_table(url, storage_options)
+        if table is None:
+            raise
+        return table
+
+
+def _partition_literal(rows: pa.Table, partition_by: Sequence[str] | None) -> str | None:
+    if not partition_by or rows.num_rows == 0:
+        return None
+    clauses = []
+    for column in partition_by:
+        values = set(rows[column].to_pylist())
+        if len(values) != 1:
+            return None
+        value = str(values.pop()).replace("'", "''")
+        clauses.append(f"t.{column} = '{value}'")
+    return " AND ".join(clauses)
+
+
+def _distinct(rows: pa.Table, keys: Sequence[str]) -> pa.Table:
+    """The first row per key: a MERGE source must not match one target row twice."""
+    if rows.num_rows < 2:
+        return rows
+    import pyarrow.compute as pc
+
+    numbered = rows.append_column("_row", pa.array(range(rows.num_rows), pa.int64()))
+    first = numbered.group_by(list(keys), use_threads=False).aggregate([("_row", "min")])
+    return rows.take(pc.sort_indices(first["_row_min"]))
+
+
+def _retrying(url: str, action: str, attempt):
+    """Run `attempt` until it commits: conflicts with another writer and transient failures are
+    retried with backoff; other errors are raised as StorageError naming the table."""
+    delay = 0.2
+    for number in range(1, COMMIT_ATTEMPTS + 1):
+        try:
+            return attempt()
+        except StorageError:
+            raise
+        except Exception as error:
+            if number == COMMIT_ATTEMPTS or not _retryable(error):
+                raise _storage_error(url, action, error) from error
+            logger.info("retrying %s %s after %s: %s", action, url, type(error).__name__, error)
+            time.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, 10.0)
+    raise AssertionError("unreachable")
+
+
+def _retryable(error: Exception) -> bool:
+    name = type(error).__name__
+    text = str(error)
+    if name == "CommitFailedError" or "conflict" in text.lower() or "concurrent" in text.lower():
+        return True
+    return storage.is_transient(error) or any(
+        marker in text
+        for marker in ("503", "500 ", "SlowDown", "connection", "Connection", "timed out",
+                       "reset by peer", "error sending request", "Generic S3 error")
+    )  # fmt: skip
+
+
+def _storage_error(url: str, action: str, error: Exception) -> StorageError:
+    text = " ".join(str(error).split())[:500]
+    return StorageError(f"cannot {action} the Delta table {url}: {type(error).__name__}: {text}")
+
+
+def check_table_path(url: str) -> None:
+    """Refuse, before any work, a local output path that delta-rs cannot use: a `%` followed by
+    two hex digits is decoded by delta-rs into another directory, and a backslash is not a path
+    character to it. Everything else works, `[ ] # ? *`, spaces and unicode included."""
+    if not storage.is_local(url):
+        return
+    path = table_uri(url)
+    problems = []
+    if re.search(r"%[0-9A-Fa-f]{2}", path):
+        problems.append("'%' followed by two hex digits (read as a URL escape)")
+    if "\\" in path:
+        problems.append("a backslash")
+    if problems:
+        raise OutputPathError(
+            f"output {url}: Delta Lake cannot use a local path holding {' and '.join(problems)}; "
+            "choose another output path"
+        )
+
+
+def compact(
+    url: str, storage_options: dict | None = None, *, retention_hours: float = 168.0
+) -> dict[str, int] | None:
+    """Compact, checkpoint and vacuum one table; None where there is no table."""
+    table = open_table(url, storage_options)
+    if table is None:
+        return None
+    before = len(table.file_uris())
+
+    def attempt() -> dict[str, int]:
+        current = open_table(url, storage_options)
+        current.optimize.compact()
+        current = open_table(url, storage_options)
+        current.create_checkpoint()
+        removed = current.vacuum(
+            retention_hours=int(retention_hours),
+            dry_run=False,
+            enforce_retention_duration=False,
+        )
+        current.cleanup_metadata()
+        return {"files_before": before, "files_after": len(current.file_uris()),
+                "vacuumed": len(removed)}  # fmt: skip
+
+    return _retrying(url, "compact", attempt)
