@@ -18,9 +18,13 @@ import os
 
 from deployments.definitions import DEFINITIONS, SERVED_PARAMETERS, Definition
 
-# A served run whose process died is marked Crashed after missed heartbeats (see the README's
-# "When a run is killed"); the flow-run processes inherit this from the serving process.
-HEARTBEAT_SECONDS = "30"
+# A run whose process was killed must not hold label-bucket's concurrency slot: Prefect renews a
+# running run's slot for 300 s at a time, and only a final state frees it at once. So served runs
+# send a heartbeat every HEARTBEAT_SECONDS, an automation marks a run Crashed after
+# ZOMBIE_SECONDS without one, and a restarted serving process crashes the runs it left behind.
+HEARTBEAT_SECONDS = 30
+ZOMBIE_SECONDS = 90
+ZOMBIE_AUTOMATION = "inmap: crash flow runs without a heartbeat"
 
 
 def build_deployments(
@@ -118,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dask-address", default=env("INMAP_DASK_ADDRESS"))
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "inmap")  # progress in run logs
-    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", HEARTBEAT_SECONDS)
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_SECONDS))
     parameters = json.loads(args.params) if args.params else {}
     for name in ("source", "classes", "output", "credentials_block"):
         if getattr(args, name):
@@ -132,14 +136,82 @@ def main(argv: list[str] | None = None) -> None:
         cron["maintain"] = args.maintain_cron or None
     from prefect import serve
 
-    serve(
-        *build_deployments(
-            parameters=parameters,
-            cron=cron,
-            task_runner=args.task_runner,
-            dask_address=args.dask_address,
-        )
+    deployments = build_deployments(
+        parameters=parameters,
+        cron=cron,
+        task_runner=args.task_runner,
+        dask_address=args.dask_address,
     )
+    ensure_zombie_automation()
+    crash_runs_left_behind([d.name for d in deployments])
+    serve(*deployments, heartbeat_seconds=HEARTBEAT_SECONDS)
+
+
+def ensure_zombie_automation() -> None:
+    """Create, once per server, the automation that marks a flow run Crashed when its heartbeats
+    stop (its process was killed), which frees its concurrency slot at once."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+
+    try:
+        Automation.read(name=ZOMBIE_AUTOMATION)
+        return
+    except ValueError:  # none yet
+        pass
+    final = ("Completed", "Failed", "Cancelled", "Crashed")
+    Automation(
+        name=ZOMBIE_AUTOMATION,
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", *(f"prefect.flow-run.{s}" for s in final)},
+            match={"prefect.resource.id": ["prefect.flow-run.*"]},
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=ZOMBIE_SECONDS),
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"No heartbeat for {ZOMBIE_SECONDS}s: the flow-run process is gone.",
+            )
+        ],
+    ).create()
+
+
+def crash_runs_left_behind(deployment_names: list[str]) -> None:
+    """Mark Crashed the runs of these deployments still Running or Pending when this serving
+    process starts: with one serving process per deployment, they died with its predecessor."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(
+                    type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING])
+                )
+            ),
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=deployment_names)),
+        )
+        for run in runs:
+            client.set_flow_run_state(
+                run.id,
+                Crashed(message="its serving process was restarted; the run died with it"),
+                force=True,
+            )
 
 
 if __name__ == "__main__":

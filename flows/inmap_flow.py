@@ -185,6 +185,7 @@ def inmap_flow(
     get_run_logger().info("task runner: %s", type(runner).__name__)
     summaries, failures = [], []
     with _held_lease(job, lease_wait) as job:
+        stages.tidy_output(job)
         for number, prefix in enumerate(partitions):
             partition_id = run_id if len(partitions) == 1 else f"{run_id}-p{number:04d}"
             partition = label_partition.with_options(task_runner=runner.duplicate())

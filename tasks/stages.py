@@ -26,6 +26,7 @@ from inmap import (
     prediction,
     progress,
     report,
+    storage,
 )
 from inmap.credentials import refuse_secrets
 from inmap.errors import InputError, OutputBusyError, UnreadableImagesError
@@ -78,6 +79,12 @@ def stage(name: str, **options) -> Callable:
 def prepare_job(request: JobRequest) -> Job:
     block = credentials.block_options(request.credentials_block)
     return make_job(request, block)
+
+
+@stage("tidy-output")
+def tidy_output(job: Job) -> list[str]:
+    """Under the lease: remove temporary files that crashed writers left (older than an hour)."""
+    return storage.sweep_temporary_files(job.output)
 
 
 @stage("list-images")
