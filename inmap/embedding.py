@@ -167,7 +167,8 @@ def embed_shard(
     """Embed one shard unless its file exists, recording failures, then index it.
 
     Order: error rows first, then the shard file (its existence means the shard is done), then the
-    index rows. A crash between any two is repaired by the next run."""
+    index rows. A crash between any two is repaired by the next run. Images whose read failed
+    after retrying are left out of the shard, so a later run plans them again."""
     from inmap.batches import embed_images
     from inmap.encoder import load_encoder
 
@@ -192,8 +193,9 @@ def embed_shard(
         on_progress=on_progress,
     )
     failures.record(result.failures, job)
-    storage.write_parquet_atomic(result.embeddings, url, job.options)
-    _index_shard(url, plan.shard_id, job, result.embeddings.select(["uri", "etag"]))
+    if result.embeddings.num_rows:  # a shard of failures only leaves error rows, no file
+        storage.write_parquet_atomic(result.embeddings, url, job.options)
+        _index_shard(url, plan.shard_id, job, result.embeddings.select(["uri", "etag"]))
     unreadable = tuple((uri, f.reason) for uri, _, f in result.failures if f.stage == "read")
     return ShardResult(
         plan.shard_id,

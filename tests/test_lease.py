@@ -1,0 +1,111 @@
+"""The run lease: one run per output; a second waits, then fails naming the holder; a killed
+run's lease expires and is taken over; a run whose lease was taken over commits nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import pytest
+
+from inmap import lease, storage
+from inmap.errors import OutputBusyError
+
+
+@pytest.fixture(params=["local", "s3"])
+def output(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "out"), None
+    root = request.getfixturevalue("s3_root")
+    return f"{root}/out", request.getfixturevalue("s3_storage_options")
+
+
+def test_a_second_run_waits_then_fails_naming_the_holder(output):
+    url, options = output
+    held = lease.acquire(url, "run-a", options, ttl=30)
+    try:
+        start = time.monotonic()
+        with pytest.raises(OutputBusyError) as error:
+            lease.acquire(url, "run-b", options, wait=1.5)
+        assert time.monotonic() - start >= 1.5
+        message = str(error.value)
+        assert "run run-a" in message and "expiring at" in message and "--lease-wait" in message
+    finally:
+        held.release()
+    lease.acquire(url, "run-b", options, wait=0).release()  # free once released
+
+
+def test_a_waiting_run_gets_the_lease_when_the_holder_releases(output):
+    url, options = output
+    held = lease.acquire(url, "run-a", options)
+    releaser = threading.Timer(1.0, held.release)
+    releaser.start()
+    second = lease.acquire(url, "run-b", options, wait=30)
+    assert second.record.run_id == "run-b"
+    second.release()
+
+
+def test_an_expired_lease_is_taken_over_and_its_holder_cannot_commit(output):
+    url, options = output
+    # A run killed with -9: its lease is never renewed nor released.
+    stale = lease.acquire(url, "run-killed", options, ttl=1)
+    stale._stop.set()  # no renewals, as after a kill
+    time.sleep(1.5)
+
+    taker = lease.acquire(url, "run-new", options, wait=0)
+    try:
+        lease.verify(taker.url, options)  # the new holder may commit
+        with pytest.raises(OutputBusyError, match="taken over by a later run"):
+            lease.verify(stale.url, options)  # the stalled one may not
+    finally:
+        taker.release()
+
+
+def test_the_lease_is_renewed_while_the_run_lives(output):
+    url, options = output
+    held = lease.acquire(url, "run-a", options, ttl=1.5)
+    try:
+        time.sleep(2.5)  # longer than the ttl: alive only if renewed
+        with pytest.raises(OutputBusyError, match="run run-a"):
+            lease.acquire(url, "run-b", options, wait=0)
+        record = json.loads(storage.read_bytes(held.url, options))
+        assert record["expires"] > time.time()
+        held.check()
+    finally:
+        held.release()
+
+
+def test_only_one_of_many_simultaneous_runs_gets_the_lease(tmp_path):
+    url = str(tmp_path / "out")
+    winners, losers = [], []
+
+    def take(run_id: str) -> None:
+        try:
+            winners.append(lease.acquire(url, run_id, wait=0))
+        except OutputBusyError:
+            losers.append(run_id)
+
+    threads = [threading.Thread(target=take, args=(f"run-{n}",)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert len(winners) == 1 and len(losers) == 7
+    finally:
+        for held in winners:
+            held.release()
+
+
+def test_a_torn_lease_file_counts_as_live_until_its_ttl_passes(tmp_path):
+    url = str(tmp_path / "out")
+    torn = tmp_path / "out" / "_lease" / "000000000001.json"
+    torn.parent.mkdir(parents=True)
+    torn.write_text("")  # a crash between the exclusive create and the write
+    with pytest.raises(OutputBusyError, match="run unknown"):
+        lease.acquire(url, "run-b", wait=0)
+    old = time.time() - lease.DEFAULT_TTL - 5
+    os.utime(torn, (old, old))
+    lease.acquire(url, "run-b", wait=0).release()
