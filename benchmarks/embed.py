@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 
 from inmap import storage
-from inmap.batches import decode_batches, default_num_workers, embed_images
+from inmap.batches import Throughput, decode_batches, default_num_workers, embed_images
 from inmap.decode import Preprocessing, decode_pixels, normalize
 from inmap.encoder import RandomWeightsWarning, load_encoder
 
@@ -138,10 +138,9 @@ def inmap_decode(encoder, uris, storage_options, batch_size, workers) -> int:
     for _, results in decode_batches(
         [(uri, "") for uri in uris],
         encoder.preprocessing,
-        batch_size=batch_size,
         prefetch=0 if encoder.device.type == "cpu" else 2,
         storage_options=storage_options,
-        num_workers=workers,
+        throughput=Throughput(batch_size=batch_size, num_workers=workers),
     ):
         pixels = torch.stack([pixels for pixels, _ in results])
         count += len(normalize(pixels, encoder.preprocessing))
@@ -153,8 +152,7 @@ def inmap_end_to_end(encoder, uris, storage_options, batch_size, workers) -> int
         encoder,
         [(uri, "") for uri in uris],
         storage_options=storage_options,
-        batch_size=batch_size,
-        num_workers=workers,
+        throughput=Throughput(batch_size=batch_size, num_workers=workers),
     )
     assert not result.failures, result.failures[:3]
     return len(result.embeddings)
@@ -198,7 +196,7 @@ def draft_check(encoder, paths: list[Path], margins: list[float], batch_size: in
     items = [(str(path), "") for path in paths]
     full_pre = replace(encoder.preprocessing, draft=False)
     full = embed_images(
-        replace(encoder, preprocessing=full_pre), items, batch_size=batch_size
+        replace(encoder, preprocessing=full_pre), items, throughput=Throughput(batch_size)
     ).embeddings
     full_vectors = _matrix(full)
     rng = np.random.default_rng(0)
@@ -224,7 +222,7 @@ def draft_check(encoder, paths: list[Path], margins: list[float], batch_size: in
         if shrunk:
             subset = [items[i] for i in shrunk]
             drafted = embed_images(
-                replace(encoder, preprocessing=pre), subset, batch_size=batch_size
+                replace(encoder, preprocessing=pre), subset, throughput=Throughput(batch_size)
             ).embeddings
             cosine = (_matrix(drafted) * full_vectors[shrunk]).sum(1)
             psnr = [_psnr(paths[i].read_bytes(), pre, full_pre) for i in shrunk[:200]]

@@ -111,9 +111,9 @@ def label_partition(job: Job) -> RunSummary:
         todo = stages.plan_predictions(found.images, index, job)
         if todo:
             to_predict = sum(p.images for p in todo)
-            progress.announce("predict", to_predict)
             with timed("learn"):
                 choice = stages.vision_proxy(found.images, index, to_predict, job)
+            progress.announce("predict", to_predict)
             with timed("predict"):
                 parts = stages.predict_shard.map(todo, unmapped(choice.proxy), unmapped(job))
                 parts = parts.result()

@@ -55,6 +55,21 @@ class Failure:
 Decoded = tuple[torch.Tensor, tuple[int, int]]  # (s, s, 3) uint8 pixels, full (width, height)
 
 
+@dataclass(frozen=True)
+class Throughput:
+    """How images are read and decoded; none of it changes an embedding."""
+
+    batch_size: int = 64  # images per model batch
+    num_workers: int | None = None  # decode threads (default: one per CPU)
+    read_workers: int = storage.DEFAULT_READ_WORKERS  # reads in flight
+    retry_seconds: float = storage.DEFAULT_RETRY_SECONDS  # retry window per object
+    pixel_budget: int = DEFAULT_PIXEL_BUDGET  # decoded pixels in flight
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+
+
 @dataclass
 class EmbeddedImages:
     embeddings: pa.Table  # embedding_schema, input order, the encoder's metadata
@@ -74,32 +89,23 @@ def embed_images(
     items: Iterable[tuple[str, str]],
     *,
     storage_options: dict | None = None,
-    batch_size: int = 64,
-    num_workers: int | None = None,
-    read_workers: int = storage.DEFAULT_READ_WORKERS,
-    retry_seconds: float = storage.DEFAULT_RETRY_SECONDS,
-    pixel_budget: int = DEFAULT_PIXEL_BUDGET,
+    throughput: Throughput = Throughput(),  # noqa: B008 - frozen dataclass
     on_progress: ProgressCallback | None = None,
 ) -> EmbeddedImages:
     """Embed the images at `items` ((uri, etag) pairs); every failure is returned with a reason."""
     items = list(items)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     on_cpu = encoder.device.type == "cpu"  # then decoding and the model take turns
     uris, etags, sizes, vectors = [], [], [], []
     failures: list[tuple[str, str, Failure]] = []
-    buffer = _PixelBuffer(batch_size, encoder.image_size, pin=encoder.device.type == "cuda")
+    pin = encoder.device.type == "cuda"
+    buffer = _PixelBuffer(throughput.batch_size, encoder.image_size, pin=pin)
     done = 0
     batches = decode_batches(
         items,
         encoder.preprocessing,
-        batch_size=batch_size,
         prefetch=0 if on_cpu else 2,
         storage_options=storage_options,
-        num_workers=num_workers,
-        read_workers=read_workers,
-        retry_seconds=retry_seconds,
-        pixel_budget=pixel_budget,
+        throughput=throughput,
     )
     with contextlib.closing(batches):
         for batch_items, results in batches:
@@ -139,15 +145,11 @@ def decode_batches(
     items: list[tuple[str, str]],
     preprocessing: Preprocessing,
     *,
-    batch_size: int = 64,
     prefetch: int = 2,
     storage_options: dict | None = None,
-    num_workers: int | None = None,
-    read_workers: int = storage.DEFAULT_READ_WORKERS,
-    retry_seconds: float = storage.DEFAULT_RETRY_SECONDS,
-    pixel_budget: int = DEFAULT_PIXEL_BUDGET,
+    throughput: Throughput = Throughput(),  # noqa: B008 - frozen dataclass
 ) -> Iterator[tuple[list[tuple[str, str]], list[Decoded | Failure]]]:
-    """Read and decode `items` in order, `batch_size` at a time: yield (items, results) per batch.
+    """Read and decode `items` in order, a batch at a time: yield (items, results) per batch.
 
     Objects are read by `read_workers` threads, well ahead of decoding. Each batch is decoded by
     `num_workers` threads (default: one per CPU). With `prefetch` > 0, that many further batches
@@ -161,10 +163,14 @@ def decode_batches(
     if prefetch < 0:
         raise ValueError(f"prefetch must be >= 0, got {prefetch}")
     reads = storage.read_bytes_many(
-        [uri for uri, _ in items], storage_options, read_workers, retry_seconds
+        [uri for uri, _ in items],
+        storage_options,
+        throughput.read_workers,
+        throughput.retry_seconds,
     )
-    budget = PixelBudget(pixel_budget)
-    workers = num_workers or default_num_workers()
+    budget = PixelBudget(throughput.pixel_budget)
+    workers = throughput.num_workers or default_num_workers()
+    batch_size = throughput.batch_size
     queued: deque[tuple[list[tuple[str, str]], list[Future | Failure]]] = deque()
     position = 0
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="inmap-decode")

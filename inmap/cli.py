@@ -376,7 +376,7 @@ def _eval_command(args: argparse.Namespace) -> int:
     """Print the table of top-1 per scenario and method."""
     from inmap.classes import read_classes
     from inmap.evaluate import SCENARIOS, ZERO_SHOT, format_table, run_eval
-    from inmap.labeled import EvalInputError, load_labeled_set
+    from inmap.labeled import Embedder, EvalInputError, load_labeled_set
     from inmap.proxy import PSEUDO_LABELERS
 
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
@@ -394,12 +394,14 @@ def _eval_command(args: argparse.Namespace) -> int:
     labeled = load_labeled_set(
         args.source,
         classes=read_classes(args.classes) if args.classes else None,
-        model=args.model,
-        pretrained=args.pretrained,
-        templates=templates,
-        device=args.device,
-        batch_size=args.batch_size,
         text_proxy=args.text_proxy,
+        embedder=Embedder(
+            model=args.model,
+            pretrained=args.pretrained,
+            device=args.device,
+            templates=templates if isinstance(templates, str) else tuple(templates),
+            batch_size=args.batch_size,
+        ),
     )
     config = ProxyConfig() if args.iters is None else ProxyConfig(iters=args.iters)
     print(

@@ -187,9 +187,7 @@ def embed_shard(
         encoder,
         zip(plan.uris, plan.etags, strict=True),
         storage_options=job.options,
-        batch_size=job.batch_size,
-        retry_seconds=job.read_retry_seconds,
-        pixel_budget=job.pixel_budget,
+        throughput=job.throughput,
         on_progress=on_progress,
     )
     failures.record(result.failures, job)

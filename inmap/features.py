@@ -41,16 +41,16 @@ class EmbeddingStream:
 
     def __init__(
         self,
-        image_features: ImageFeatures,
+        shards: Callable[[], Iterable[ArrayLike]],
         dim: int,
         device: torch.device,
         *,
         dtype: torch.dtype = torch.float32,
         memory_budget: int = 0,
-        storage_options: dict | None = None,
         against: str = "the text proxy",
     ) -> None:
-        self._read = _shard_reader(image_features, storage_options)
+        """`shards`: a callable returning a fresh iterator of (n_i, d) arrays (`shard_reader`)."""
+        self._read = shards
         self.dim, self.device, self.dtype = dim, device, dtype
         self.memory_budget, self._against = memory_budget, against
         self.n_images: int | None = None  # known after the first pass
@@ -101,7 +101,7 @@ class EmbeddingStream:
         return shard / norms[:, None]
 
 
-def _shard_reader(image_features: ImageFeatures, storage_options: dict | None) -> Callable:
+def shard_reader(image_features: ImageFeatures, storage_options: dict | None = None) -> Callable:
     """A zero-argument callable giving a fresh iterator over the raw (n_i, d) shards."""
     if isinstance(image_features, (torch.Tensor, np.ndarray)):
         if image_features.ndim != 2:

@@ -77,6 +77,17 @@ class Job:
             merged["client_kwargs"] = client_kwargs
         return merged or None
 
+    @property
+    def throughput(self):
+        """How images are read and decoded (inmap.batches.Throughput)."""
+        from inmap.batches import Throughput
+
+        return Throughput(
+            batch_size=self.batch_size,
+            retry_seconds=self.read_retry_seconds,
+            pixel_budget=self.pixel_budget,
+        )
+
     def for_partition(self, source: str, run_id: str) -> Job:
         return replace(self, source=source, run_id=run_id)
 

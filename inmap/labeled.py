@@ -77,15 +77,32 @@ def class_ids(names: Sequence[str], classnames: Sequence[str]) -> np.ndarray:
     return np.array([index[key(n)] for n in names], dtype=np.int64)
 
 
-def _build_text_proxy(
-    classnames: Sequence[str], model: str, pretrained: str | None, templates, device: str
-) -> np.ndarray:
+@dataclass(frozen=True)
+class Embedder:
+    """The model that embeds labelled images and class names (when they are not given)."""
+
+    model: str | None = None  # default inmap.config.DEFAULT_MODEL
+    pretrained: str | None = "default"  # "default": DEFAULT_PRETRAINED; None / "none": random
+    device: str = "auto"
+    templates: str | tuple[str, ...] = "paper"
+    batch_size: int = 64
+
+    def encoder(self):
+        from inmap.config import DEFAULT_MODEL, DEFAULT_PRETRAINED
+        from inmap.encoder import load_encoder
+
+        pretrained = DEFAULT_PRETRAINED if self.pretrained == "default" else self.pretrained
+        return load_encoder(self.model or DEFAULT_MODEL, pretrained, device=self.device)
+
+
+def _build_text_proxy(classnames: Sequence[str], embedder: Embedder) -> np.ndarray:
     """(C, d) zero-shot weights of `classnames` from the model's text tower."""
-    from inmap.encoder import load_encoder
     from inmap.text import text_proxy
 
-    encoder = load_encoder(model, pretrained, device=device)
-    proxy = text_proxy(encoder.model, encoder.tokenizer, list(classnames), templates=templates)
+    encoder = embedder.encoder()
+    proxy = text_proxy(
+        encoder.model, encoder.tokenizer, list(classnames), templates=embedder.templates
+    )
     return proxy.float().cpu().numpy()
 
 
@@ -93,12 +110,8 @@ def load_labeled_set(
     source: str,
     *,
     classes: Sequence[str] | None = None,
-    model: str | None = None,
-    pretrained: str | None = "default",
-    templates: str | list[str] = "paper",
-    device: str = "auto",
-    batch_size: int = 64,
     text_proxy: str | None = None,
+    embedder: Embedder = Embedder(),  # noqa: B008 - frozen dataclass
     storage_options: dict | None = None,
 ) -> LabeledSet:
     """Load features and labels from `source`:
@@ -108,17 +121,13 @@ def load_labeled_set(
     - Parquet (a file or a folder of shards) with an `embedding` column and a `label` column
       (class name or id), or a `uri` column whose paths carry the labels (`label_from_path`);
     - a folder of images labelled by sub-folder or `nXXXXXXXX_<class>.JPEG` names, embedded with
-      `model` (default inmap.encoder.DEFAULT_MODEL and DEFAULT_PRETRAINED; None: random weights).
+      the `embedder`'s model.
 
     Class names come from `classes`, the npz, or the sorted distinct labels. `text_proxy` is an
     optional `.npy` (C, d) array of zero-shot weights in class-name order; without it they are
-    built from the class names with `model` and `templates`."""
+    built from the class names with the `embedder`'s model and templates."""
     from inmap import storage
-    from inmap.model import DEFAULT_MODEL, DEFAULT_PRETRAINED
 
-    model = model or DEFAULT_MODEL
-    if pretrained == "default":
-        pretrained = DEFAULT_PRETRAINED
     if source.endswith(".npz"):
         with np.load(source, allow_pickle=False) as data:
             missing = {"image_features", "labels"} - set(data.files)
@@ -130,7 +139,7 @@ def load_labeled_set(
             raise EvalInputError(f"{source} has no `classnames`; pass --classes")
         text = _load_text_proxy(text_proxy, classnames) if text_proxy else arrays.get("text_proxy")
         if text is None:
-            text = _build_text_proxy(classnames, model, pretrained, templates, device)
+            text = _build_text_proxy(classnames, embedder)
         return LabeledSet(arrays["image_features"], arrays["labels"], text, classnames)
 
     parquet = (
@@ -154,17 +163,19 @@ def load_labeled_set(
         else:
             raise EvalInputError(f"{source} has neither a `label` nor a `uri` column")
     else:
-        from inmap.batches import embed_images
-        from inmap.encoder import load_encoder
+        from inmap.batches import Throughput, embed_images
         from inmap.listing import list_images
 
         manifest = list_images(source, storage_options).images
         if len(manifest) == 0:
             raise EvalInputError(f"no .npz, Parquet or images found at {source}")
-        encoder = load_encoder(model, pretrained, device=device)
+        encoder = embedder.encoder()
         items = zip(manifest["uri"].to_pylist(), manifest["etag"].to_pylist(), strict=True)
         embedded = embed_images(
-            encoder, items, storage_options=storage_options, batch_size=batch_size
+            encoder,
+            items,
+            storage_options=storage_options,
+            throughput=Throughput(embedder.batch_size),
         )
         if embedded.failures:
             uri, _, failure = embedded.failures[0]
@@ -186,7 +197,7 @@ def load_labeled_set(
     if text_proxy:
         text = _load_text_proxy(text_proxy, classnames)
     else:
-        text = _build_text_proxy(classnames, model, pretrained, templates, device)
+        text = _build_text_proxy(classnames, embedder)
     return LabeledSet(features, labels, text, classnames)
 
 

@@ -104,7 +104,6 @@ def build_text_proxy(job: Job, on_progress: Callable[[int, int], None] | None = 
         encoder.tokenizer,
         list(job.classes),
         templates=job.templates,
-        device=encoder.device,
         on_progress=on_progress,
     )
     matrix = np.ascontiguousarray(proxy.float().cpu().numpy())

@@ -168,19 +168,19 @@ def _list_s3(fs, source: str, path: str, start_after: str | None) -> list[pa.Rec
 
 
 async def _list_s3_async(fs, bucket, prefix, uri_prefix, start_key, source):
-    batches: list[pa.RecordBatch] = []
+    lister = _S3Lister(fs, bucket, uri_prefix)
     try:
         if start_key is not None:  # one ordered listing after the mark
-            await _list_prefix(fs, bucket, prefix, uri_prefix, batches, start_after=start_key)
+            await lister.list(prefix, start_after=start_key)
         else:
             # Direct keys and sub-prefixes from one delimiter listing, then the sub-prefixes at
             # once: each is an independent chain of 1000-key pages.
-            sub_prefixes = await _list_prefix(fs, bucket, prefix, uri_prefix, batches, "/")
+            sub_prefixes = await lister.list(prefix, delimiter="/")
             limit = asyncio.Semaphore(S3_CONCURRENCY)
 
             async def one(sub: str) -> None:
                 async with limit:
-                    await _list_prefix(fs, bucket, sub, uri_prefix, batches)
+                    await lister.list(sub)
 
             await asyncio.gather(*(one(sub) for sub in sub_prefixes))
     except FileNotFoundError as error:  # s3fs's translation of NoSuchBucket
@@ -192,46 +192,53 @@ async def _list_s3_async(fs, bucket, prefix, uri_prefix, start_key, source):
             ) from error
         with storage._storage_errors(source, "list"):
             raise
-    if not batches and prefix:  # maybe the source is one object, not a prefix
+    if not lister.batches and prefix:  # maybe the source is one object, not a prefix
         key = prefix.rstrip("/")
         if is_image_name(key):
             try:
                 head = await fs._call_s3("head_object", Bucket=bucket, Key=key)
             except FileNotFoundError:
-                return batches
-            uri = uri_prefix + key
-            batches.append(_batch([uri], [head["ETag"].strip('"')], [int(head["ContentLength"])]))
-    return batches
+                return lister.batches
+            etag, size = head["ETag"].strip('"'), int(head["ContentLength"])
+            lister.batches.append(_batch([uri_prefix + key], [etag], [size]))
+    return lister.batches
 
 
-async def _list_prefix(
-    fs, bucket, prefix, uri_prefix, batches, delimiter=None, start_after=None
-) -> list[str]:
-    """Append one batch per page of keys under `prefix`; return the sub-prefixes (with a
-    delimiter)."""
-    sub_prefixes: list[str] = []
-    kwargs: dict = {"Bucket": bucket, "Prefix": prefix}
-    if delimiter:
-        kwargs["Delimiter"] = delimiter
-    if start_after:
-        kwargs["StartAfter"] = start_after
-    while True:
-        page = await fs._call_s3("list_objects_v2", **kwargs)
-        uris, etags, sizes = [], [], []
-        for item in page.get("Contents", ()):
-            key = item["Key"]
-            if key.endswith("/") or not is_image_name(key):
-                continue
-            uris.append(uri_prefix + key)
-            etags.append(str(item.get("ETag", "")).strip('"') or _mtime_etag(item))
-            sizes.append(int(item.get("Size", 0)))
-        if uris:
-            batches.append(_batch(uris, etags, sizes))
-        sub_prefixes += [p["Prefix"] for p in page.get("CommonPrefixes", ())]
-        if not page.get("IsTruncated"):
-            return sub_prefixes
-        kwargs["ContinuationToken"] = page["NextContinuationToken"]
-        kwargs.pop("StartAfter", None)
+class _S3Lister:
+    """Pages of one bucket's keys, each turned into an Arrow batch as it arrives."""
+
+    def __init__(self, fs, bucket: str, uri_prefix: str) -> None:
+        self.fs, self.bucket, self.uri_prefix = fs, bucket, uri_prefix
+        self.batches: list[pa.RecordBatch] = []
+
+    async def list(
+        self, prefix: str, *, delimiter: str | None = None, start_after: str | None = None
+    ) -> list[str]:
+        """Add a batch per page of image keys under `prefix`; return the sub-prefixes (with a
+        delimiter)."""
+        sub_prefixes: list[str] = []
+        kwargs: dict = {"Bucket": self.bucket, "Prefix": prefix}
+        if delimiter:
+            kwargs["Delimiter"] = delimiter
+        if start_after:
+            kwargs["StartAfter"] = start_after
+        while True:
+            page = await self.fs._call_s3("list_objects_v2", **kwargs)
+            uris, etags, sizes = [], [], []
+            for item in page.get("Contents", ()):
+                key = item["Key"]
+                if key.endswith("/") or not is_image_name(key):
+                    continue
+                uris.append(self.uri_prefix + key)
+                etags.append(str(item.get("ETag", "")).strip('"') or _mtime_etag(item))
+                sizes.append(int(item.get("Size", 0)))
+            if uris:
+                self.batches.append(_batch(uris, etags, sizes))
+            sub_prefixes += [p["Prefix"] for p in page.get("CommonPrefixes", ())]
+            if not page.get("IsTruncated"):
+                return sub_prefixes
+            kwargs["ContinuationToken"] = page["NextContinuationToken"]
+            kwargs.pop("StartAfter", None)
 
 
 def _mtime_etag(item: dict) -> str:

@@ -35,7 +35,13 @@ import torch.nn.functional as F
 
 from inmap import refine
 from inmap.config import FitOptions, ProxyConfig
-from inmap.features import ArrayLike, EmbeddingStream, ImageFeatures, unit_class_rows
+from inmap.features import (
+    ArrayLike,
+    EmbeddingStream,
+    ImageFeatures,
+    shard_reader,
+    unit_class_rows,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +213,8 @@ def learn_proxy(
         if on_step:
             on_step(step, config.iters)
         if step < config.iters and moved * (config.iters - step) < tol:
+            if on_step:
+                on_step(config.iters, config.iters)  # nothing is left to do
             return W, step, True
     return W, config.iters, False
 
@@ -229,7 +237,7 @@ def predict(
     W = unit_class_rows(proxy, "proxy", min_classes=1).to(device)  # (C, d)
     k = min(top_k, len(W))
     images = EmbeddingStream(
-        image_features, W.shape[1], device, storage_options=storage_options, against="the proxy"
+        shard_reader(image_features, storage_options), W.shape[1], device, against="the proxy"
     )
     ids, scores = [], []
     for X in images:
@@ -263,12 +271,11 @@ def fit_vision_proxy(
     device = _device(options.device)
     T = unit_class_rows(text_proxy, "text proxy", min_classes=2).to(device)  # (C, d)
     images = EmbeddingStream(
-        image_features,
+        shard_reader(image_features, storage_options),
         T.shape[1],
         device,
         dtype=torch.bfloat16 if options.precision == "bf16" else torch.float32,
         memory_budget=options.memory_budget,
-        storage_options=storage_options,
     )
     with _matmul_precision("float32", device):
         logits = zero_shot_logits(images, T)  # (n, C); this pass checks and counts the images

@@ -44,6 +44,8 @@ def runs_text(output: str, storage_options: dict | None = None, *, limit: int = 
                 f"{seconds:.0f}s",
             ]
         )
+        if run["proxy_reason"]:
+            rows.append(["", "", f"  proxy: {run['proxy_reason'][:200]}"] + [""] * 8)
         if run["error"]:
             rows.append(["", "", f"  error: {run['error'][:200]}"] + [""] * 8)
     head = ["started (UTC)", "status", "source", "listed", "embedded", "cached", "failed",

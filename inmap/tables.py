@@ -25,6 +25,7 @@ import random
 import re
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import pyarrow as pa
 
@@ -161,7 +162,7 @@ def append(
     partition_by: Sequence[str] | None = None,
 ) -> bool:
     """Append `rows` in one transaction (creating the table); False if `app_id` was committed."""
-    return _merge(url, rows, (), storage_options, app_id, partition_by, update=False) >= 0
+    return _merge(url, rows, _Merge((), app_id, partition_by), storage_options) >= 0
 
 
 def insert_new(
@@ -175,7 +176,7 @@ def insert_new(
 ) -> int:
     """Insert the rows whose `keys` are not in the table yet, in one transaction; returns how
     many were new (0 when `app_id` was already committed: a retried commit is a no-op)."""
-    return max(_merge(url, rows, keys, storage_options, app_id, partition_by, update=False), 0)
+    return max(_merge(url, rows, _Merge(tuple(keys), app_id, partition_by), storage_options), 0)
 
 
 def upsert(
@@ -187,13 +188,23 @@ def upsert(
     partition_by: Sequence[str] | None = None,
 ) -> int:
     """Insert new rows and replace those whose `keys` match, in one transaction."""
-    return _merge(url, rows, keys, storage_options, None, partition_by, update=True)
+    how = _Merge(tuple(keys), None, partition_by, update=True)
+    return _merge(url, rows, how, storage_options)
 
 
-def _merge(url, rows, keys, storage_options, app_id, partition_by, update) -> int:
-    """One MERGE of `rows` on `keys` (no keys: append); -1 if `app_id` was already committed."""
+@dataclass(frozen=True)
+class _Merge:
+    keys: tuple[str, ...]  # none: append
+    app_id: str | None
+    partition_by: Sequence[str] | None
+    update: bool = False  # replace the rows whose keys match
+
+
+def _merge(url: str, rows: pa.Table, how: _Merge, storage_options: dict | None) -> int:
+    """One MERGE of `rows` on `how.keys`; -1 if `how.app_id` was already committed."""
     from deltalake import CommitProperties, Transaction
 
+    keys, app_id, partition_by, update = how.keys, how.app_id, how.partition_by, how.update
     if keys:
         rows = _distinct(rows, keys)
 

@@ -32,14 +32,13 @@ def text_proxy(
     tokenizer: Callable,
     classnames: Sequence[str],
     templates: str | Sequence[Template] = "paper",
-    device: str | torch.device | None = None,
     batch_size: int = 10,
     on_progress: ProgressCallback | None = None,
 ) -> torch.Tensor:
-    """The (C, d) float32 text proxy on the CPU, unit rows, row c for `classnames[c]`.
+    """The (C, d) float32 text proxy on the CPU, unit rows, row c for `classnames[c]`, computed
+    on the model's device.
 
     templates: a name in TEMPLATES, or format strings with one `{}` and/or callables name -> text.
-    device: where to run the text encoder; the model's own device when None.
     batch_size: classes per forward pass (each contributes one text per template)."""
     templates = resolve_templates(templates)
     classnames = list(classnames)
@@ -48,8 +47,7 @@ def text_proxy(
     empty = [i for i, name in enumerate(classnames) if not str(name).strip()]
     if empty:
         raise ValueError(f"class names at positions {empty} are empty")
-    if device is None:
-        device = next(model.parameters()).device
+    device = next(model.parameters()).device
     refuse_truncated_duplicates(tokenizer, classnames, templates)
     chunks = []
     # Classes are independent, so encoding them in chunks changes nothing but lets a long CPU run

@@ -15,7 +15,7 @@ from PIL import Image
 
 from inmap import batches as batches_module
 from inmap import storage
-from inmap.batches import embed_images
+from inmap.batches import Throughput, embed_images
 from inmap.decode import Preprocessing
 from inmap.encoder import RandomWeightsWarning, load_encoder
 from inmap.listing import list_images
@@ -72,7 +72,7 @@ def test_every_failure_becomes_an_error_row_and_order_is_kept(tiny, sample_image
     uris = [good[0], *list(bad)[:2], *good[1:3], *list(bad)[2:], *good[3:]]
     items = [(uri, f"etag-{i}") for i, uri in enumerate(uris)]
 
-    result = embed_images(tiny, items, batch_size=2, num_workers=2)
+    result = embed_images(tiny, items, throughput=Throughput(batch_size=2, num_workers=2))
     embeddings = result.embeddings
 
     assert embeddings.column("uri").to_pylist() == good
@@ -118,8 +118,12 @@ def test_no_items_give_empty_tables(tiny):
 def test_batch_size_and_worker_count_do_not_change_embeddings(tiny, sample_images):
     items = [(str(p), "e") for p in sample_images[:11]]
 
-    one_by_one = embed_images(tiny, items, batch_size=1, num_workers=1).embeddings
-    batched = embed_images(tiny, items, batch_size=4, num_workers=3).embeddings
+    one_by_one = embed_images(
+        tiny, items, throughput=Throughput(batch_size=1, num_workers=1)
+    ).embeddings
+    batched = embed_images(
+        tiny, items, throughput=Throughput(batch_size=4, num_workers=3)
+    ).embeddings
 
     np.testing.assert_allclose(embedding_matrix(one_by_one), embedding_matrix(batched), atol=2e-3)
 
@@ -147,6 +151,9 @@ def test_images_in_s3_embed_like_local_files(
     np.testing.assert_array_equal(embedding_matrix(from_s3.embeddings), embedding_matrix(from_disk))
 
 
+FOUR_BY_TWO = Throughput(batch_size=4, num_workers=2)
+
+
 def _counting_decoder(monkeypatch):
     calls = []  # torch's intra-op thread count seen by each decode
 
@@ -170,7 +177,10 @@ def _memory_items(count: int) -> list[tuple[str, str]]:
 def test_without_prefetch_the_next_batch_decodes_only_when_asked(monkeypatch):
     calls = _counting_decoder(monkeypatch)
     batches = batches_module.decode_batches(
-        _memory_items(10), Preprocessing(size=2), batch_size=4, prefetch=0, num_workers=2
+        _memory_items(10),
+        Preprocessing(size=2),
+        prefetch=0,
+        throughput=Throughput(batch_size=4, num_workers=2),
     )
 
     threads = torch.get_num_threads()
@@ -188,7 +198,10 @@ def test_without_prefetch_the_next_batch_decodes_only_when_asked(monkeypatch):
 def test_with_prefetch_later_batches_decode_while_the_caller_works(monkeypatch):
     calls = _counting_decoder(monkeypatch)
     batches = batches_module.decode_batches(
-        _memory_items(20), Preprocessing(size=2), batch_size=4, prefetch=2, num_workers=2
+        _memory_items(20),
+        Preprocessing(size=2),
+        prefetch=2,
+        throughput=Throughput(batch_size=4, num_workers=2),
     )
 
     next(batches)
@@ -212,7 +225,10 @@ def test_torch_thread_limit_nests_and_restores():
 def test_stopping_early_leaves_no_reader_or_decoder_thread(monkeypatch):
     _counting_decoder(monkeypatch)
     batches = batches_module.decode_batches(
-        _memory_items(40), Preprocessing(size=2), batch_size=4, prefetch=2, num_workers=2
+        _memory_items(40),
+        Preprocessing(size=2),
+        prefetch=2,
+        throughput=Throughput(batch_size=4, num_workers=2),
     )
     next(batches)
     batches.close()
@@ -234,7 +250,7 @@ def test_decoded_pixels_in_flight_stay_within_the_budget(tiny, sample_images, mo
             budgets.append(self)
 
     monkeypatch.setattr(batches_module, "PixelBudget", Recorded)
-    result = embed_images(tiny, items, num_workers=4, pixel_budget=budget)
+    result = embed_images(tiny, items, throughput=Throughput(num_workers=4, pixel_budget=budget))
 
     assert result.embeddings.num_rows == 12
     assert 0 < budgets[0].peak <= budget

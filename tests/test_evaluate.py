@@ -13,6 +13,7 @@ from inmap.cli import main
 from inmap.config import ProxyConfig
 from inmap.evaluate import SCENARIOS, format_table, make_drop, run_eval
 from inmap.labeled import (
+    Embedder,
     EvalInputError,
     LabeledSet,
     class_ids,
@@ -202,7 +203,9 @@ def test_image_folder_is_embedded_and_labelled_from_file_names(image_folder, cap
     from inmap.model import TINY_MODEL
 
     with caplog.at_level(logging.WARNING, logger="inmap.labeled"):
-        labeled = load_labeled_set(str(image_folder), model=TINY_MODEL, pretrained=None)
+        labeled = load_labeled_set(
+            str(image_folder), embedder=Embedder(model=TINY_MODEL, pretrained=None)
+        )
     # 12 real JPEGs of 12 classes (nXXXXXXXX_<class>.JPEG); the 3 broken files are reported.
     assert len(labeled.labels) == 12 and len(labeled.classnames) == 12
     assert labeled.text_proxy.shape == (12, 64)
