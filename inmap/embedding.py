@@ -33,6 +33,7 @@ class ShardPlan:
     shard_id: str
     uris: tuple[str, ...]
     etags: tuple[str, ...]
+    retrying: tuple[str, ...] = ()  # uris whose read failed in an earlier run
 
 
 @dataclass(frozen=True)
@@ -141,12 +142,17 @@ def plan_embedding(
 
     Only new or changed objects are planned, so a new drop embeds only itself and a rerun after a
     crash resumes where it stopped. Sorting by uri keeps the plan, and so the shard ids, stable.
-    Images that failed to decode before are skipped until they change."""
+    Images that failed to decode before (`known_failures`, stage "decode") are skipped until they
+    change; those whose read failed are tried again."""
     from inmap.encoder import load_encoder
 
-    pending = anti_join(anti_join(manifest, index), known_failures).sort_by("uri")
+    decode = failures.decode_failures(known_failures)
+    pending = anti_join(anti_join(manifest, index), decode).sort_by("uri")
     cached = semi_join(manifest, index).num_rows
-    skipped = semi_join(anti_join(manifest, index), known_failures).num_rows
+    skipped = semi_join(anti_join(manifest, index), decode).num_rows
+    unread = set(
+        known_failures.filter(pc.equal(known_failures["stage"], "read"))["uri"].to_pylist()
+    )
     if pending.num_rows == 0:
         return EmbeddingPlan([], cached, skipped)
     preprocessing_id = load_encoder(job.model).preprocessing_id
@@ -157,7 +163,8 @@ def plan_embedding(
         chunk_uris = tuple(uris[start : start + job.shard_size])
         chunk_etags = tuple(etags[start : start + job.shard_size])
         shard_id = layout.shard_id(chunk_uris, chunk_etags, job.model, preprocessing_id)
-        shards.append(ShardPlan(shard_id, chunk_uris, chunk_etags))
+        retrying = tuple(uri for uri in chunk_uris if uri in unread)
+        shards.append(ShardPlan(shard_id, chunk_uris, chunk_etags, retrying))
     return EmbeddingPlan(shards, cached, skipped)
 
 
@@ -194,6 +201,9 @@ def embed_shard(
     if result.embeddings.num_rows:  # a shard of failures only leaves error rows, no file
         storage.write_parquet_atomic(result.embeddings, url, job.options)
         _index_shard(url, plan.shard_id, job, result.embeddings.select(["uri", "etag"]))
+    if plan.retrying:
+        read_now = set(result.embeddings["uri"].to_pylist())
+        failures.resolve([uri for uri in plan.retrying if uri in read_now], job)
     unreadable = tuple((uri, f.reason) for uri, _, f in result.failures if f.stage == "read")
     return ShardResult(
         plan.shard_id,

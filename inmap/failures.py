@@ -51,11 +51,26 @@ def record_listing_problems(problems: pa.Table, job: Job) -> None:
     )  # fmt: skip
 
 
-def known_decode_failures(job: Job) -> pa.Table:
-    """(uri, etag) of images whose bytes did not decode: not retried until the object changes."""
-    errors = tables.read(
-        layout.errors_dir(job.output), job.options, columns=["uri", "etag", "stage"]
-    )
+def known_failures(job: Job) -> pa.Table:
+    """(uri, etag, stage) of every recorded failure: planning skips "decode" ones until the
+    object changes, and clears "read" ones once the image has been read."""
+    columns = ["uri", "etag", "stage"]
+    errors = tables.read(layout.errors_dir(job.output), job.options, columns=columns)
     if errors is None:
-        return pa.table({"uri": pa.array([], pa.string()), "etag": pa.array([], pa.string())})
-    return errors.filter(pc.equal(errors["stage"], "decode")).select(["uri", "etag"])
+        return ERRORS_SCHEMA.empty_table().select(columns)
+    return errors
+
+
+def decode_failures(failures: pa.Table) -> pa.Table:
+    """(uri, etag) of images whose bytes did not decode: not retried until the object changes."""
+    return failures.filter(pc.equal(failures["stage"], "decode")).select(["uri", "etag"])
+
+
+def resolve(uris: Sequence[str], job: Job) -> None:
+    """Remove the "read" failures of images that have now been read and embedded."""
+    if not uris:
+        return
+    quoted = ", ".join("'" + uri.replace("'", "''") + "'" for uri in uris)
+    tables.delete_where(
+        layout.errors_dir(job.output), f"stage = 'read' AND uri IN ({quoted})", job.options
+    )

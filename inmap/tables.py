@@ -257,6 +257,17 @@ def _create(url: str, schema: pa.Schema, partition_by, storage_options):
         return table
 
 
+def delete_where(url: str, predicate: str, storage_options: dict | None = None) -> None:
+    """Delete the rows matching the SQL `predicate`, in one transaction."""
+
+    def attempt() -> None:
+        table = open_table(url, storage_options)
+        if table is not None:
+            table.delete(predicate)
+
+    _retrying(url, "delete from", attempt)
+
+
 def _partition_literal(rows: pa.Table, partition_by: Sequence[str] | None) -> str | None:
     if not partition_by or rows.num_rows == 0:
         return None

@@ -99,7 +99,7 @@ def list_images(job: Job) -> listing.Listing:
 @stage("plan-embedding")
 def plan_embedding(manifest: pa.Table, job: Job) -> embedding.EmbeddingPlan:
     index = embedding.embedding_index(job)
-    return embedding.plan_embedding(manifest, index, failures.known_decode_failures(job), job)
+    return embedding.plan_embedding(manifest, index, failures.known_failures(job), job)
 
 
 @stage("embed-shard", task_run_name="embed-{plan.shard_id}")

@@ -42,13 +42,16 @@ def quiet_random_weights():
 def test_plan_is_stable_and_skips_embedded_and_failed_images(tmp_path):
     listed = manifest(*[(f"s3://b/{i:03d}.jpg", f"e{i}") for i in range(10)])
     embedded = manifest(("s3://b/000.jpg", "e0"), ("s3://b/001.jpg", "OLD-ETAG"))
-    failed = manifest(("s3://b/002.jpg", "e2")).select(["uri", "etag"])
+    failed = pa.table({"uri": ["s3://b/002.jpg", "s3://b/003.jpg"], "etag": ["e2", "e3"],
+                       "stage": ["decode", "read"]})  # fmt: skip
     job = job_for("s3://b", tmp_path, shard_size=4)
 
     plan = embedding.plan_embedding(listed, embedded, failed, job)
 
-    # 000 is embedded; 001 changed since it was embedded; 002 is a known decode failure.
+    # 000 is embedded; 001 changed since it was embedded; 002 is a known decode failure; 003
+    # could not be read last time: tried again.
     planned = [uri for shard in plan.shards for uri in shard.uris]
+    assert [shard.retrying for shard in plan.shards] == [("s3://b/003.jpg",), ()]
     assert planned == [f"s3://b/{i:03d}.jpg" for i in [1, 3, 4, 5, 6, 7, 8, 9]]
     assert [len(shard.uris) for shard in plan.shards] == [4, 4]
     assert (plan.cached, plan.known_failures) == (1, 1)
@@ -74,7 +77,7 @@ def embedded_output(image_folder, tmp_path):
 
 def replan(job: Job, listing: pa.Table) -> embedding.EmbeddingPlan:
     index = embedding.embedding_index(job)
-    return embedding.plan_embedding(listing, index, failures.known_decode_failures(job), job)
+    return embedding.plan_embedding(listing, index, failures.known_failures(job), job)
 
 
 def test_planning_reads_no_embedding_vector(embedded_output, monkeypatch):
@@ -159,3 +162,22 @@ def test_every_stage_runs_on_the_device_given(embedded_output, monkeypatch):
     prediction.predict_shard(todo[0], choice.proxy, job)
 
     assert job.fit.device == "cpu" and devices and set(devices) == {"cpu"}
+
+
+def test_a_read_failure_is_cleared_once_the_image_is_read(image_folder, tmp_path):
+    from inmap.batches import Failure
+    from inmap.listing import list_images
+
+    job = job_for(image_folder, tmp_path / "out", shard_size=20)
+    listing = list_images(str(image_folder)).images
+    first_uri, first_etag = listing["uri"][0].as_py(), listing["etag"][0].as_py()
+    # An earlier run could not read this image (an outage outlasting the retries).
+    failures.record([(first_uri, first_etag, Failure("read", "503 SlowDown"))], job)
+
+    plan = replan(job, listing)
+    assert plan.shards[0].retrying == (first_uri,)
+    embedding.embed_shard(plan.shards[0], job)
+
+    remaining = failures.known_failures(job)
+    assert first_uri not in remaining["uri"].to_pylist()  # read now: no longer an error
+    assert set(remaining["stage"].to_pylist()) == {"decode"}  # the 3 broken files stay
