@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from deployments.definitions import DEFINITIONS, SERVED_PARAMETERS, Definition
+from inmap.errors import InputError
 
 # A run whose process was killed must not hold label-bucket's concurrency slot: Prefect renews a
 # running run's slot for 300 s at a time, and only a final state frees it at once. So served runs
@@ -136,12 +138,15 @@ def main(argv: list[str] | None = None) -> None:
         cron["maintain"] = args.maintain_cron or None
     from prefect import serve
 
-    deployments = build_deployments(
-        parameters=parameters,
-        cron=cron,
-        task_runner=args.task_runner,
-        dask_address=args.dask_address,
-    )
+    try:
+        deployments = build_deployments(
+            parameters=parameters,
+            cron=cron,
+            task_runner=args.task_runner,
+            dask_address=args.dask_address,
+        )
+    except InputError as error:  # secrets in --storage-options: one line, nothing served
+        sys.exit(f"deployments.serve: error: {error}")
     ensure_zombie_automation()
     crash_runs_left_behind([d.name for d in deployments])
     serve(*deployments, heartbeat_seconds=HEARTBEAT_SECONDS)

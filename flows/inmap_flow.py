@@ -13,15 +13,18 @@ import os
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
+from typing import Annotated
 
 from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import WithJsonSchema
 
 from inmap import layout, lease, progress
 from inmap.config import DEFAULT_MODEL, DEFAULT_PRETRAINED, ProxyConfig
+from inmap.credentials import STORAGE_OPTIONS_SCHEMA
 from inmap.decode import DEFAULT_PIXEL_BUDGET
 from inmap.errors import InmapError, UnreadableImagesError
 from inmap.job import Job, JobRequest
@@ -33,6 +36,8 @@ from tasks import credentials, stages
 logging.getLogger("inmap").setLevel(logging.INFO)
 
 GPU_RESOURCES_ENV = "INMAP_DASK_GPU_RESOURCES"  # set by `inmap label --dask-gpus`
+# A deployment refuses secret option names before Prefect stores a run's parameters.
+StorageOptions = Annotated[dict | None, WithJsonSchema(STORAGE_OPTIONS_SCHEMA)]
 
 
 def _gpu_annotation():
@@ -149,7 +154,7 @@ def inmap_flow(
     listing: str = "full",
     read_retry_seconds: float = 120.0,
     pixel_budget: int = DEFAULT_PIXEL_BUDGET,
-    storage_options: dict | None = None,
+    storage_options: StorageOptions = None,
     credentials_block: str | None = None,
     lease_wait: float = lease.DEFAULT_WAIT,
 ) -> list[RunSummary]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
+from flows.inmap_flow import StorageOptions
 from inmap.maintenance import DEFAULT_RETENTION_HOURS
 from tasks import stages
 
@@ -16,7 +17,7 @@ from tasks import stages
       result_serializer="json")  # fmt: skip
 def maintain_flow(
     output: str,
-    storage_options: dict | None = None,
+    storage_options: StorageOptions = None,
     credentials_block: str | None = None,
     retention_hours: float = DEFAULT_RETENTION_HOURS,
 ) -> list[str]:

@@ -10,6 +10,7 @@ that touch storage (see tasks/credentials.py) and never passed back out.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from inmap.errors import CredentialsRefusedError
@@ -26,6 +27,38 @@ SAFE_WAYS = (
     "process that runs the flow, use an instance or IRSA role, or save a Prefect AwsCredentials "
     "block and name it (--credentials-block NAME, or the flow parameter credentials_block)"
 )
+
+
+def _any_case(text: str) -> str:
+    """A regular expression matching `text` in any case, without inline flags (JSON Schema's
+    ECMA 262 dialect has none)."""
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else re.escape(c) for c in text)
+
+
+_SECRET_NAME_PATTERN = "|".join(
+    [f"^{_any_case(name)}$" for name in sorted(SECRET_NAMES)]
+    + [_any_case(part) for part in SECRET_PARTS]
+)
+_NO_SECRET_NAMES = {"propertyNames": {"not": {"pattern": _SECRET_NAME_PATTERN}}}
+# The JSON schema of a storage_options parameter: an object whose keys, at any of the first two
+# levels (`client_kwargs`), are not secret names. Prefect checks a deployment run's parameters
+# against its schema before it stores them, so a secret is refused before it reaches the database.
+STORAGE_OPTIONS_SCHEMA: dict = {
+    "anyOf": [
+        {
+            "type": "object",
+            **_NO_SECRET_NAMES,
+            "additionalProperties": {
+                "anyOf": [{"type": "object", **_NO_SECRET_NAMES}, {"not": {"type": "object"}}]
+            },
+        },
+        {"type": "null"},
+    ],
+    "default": None,
+    "title": "storage_options",
+    "description": "Non-secret fsspec/s3fs options (endpoint_url, region_name, anon); "
+    "credentials come from the environment, a profile, a role or credentials_block.",
+}
 
 
 def secret_fields(options: Mapping | None, prefix: str = "") -> list[str]:

@@ -44,8 +44,6 @@ class Job:
     # Non-secret fsspec options (endpoint, region, anon); see inmap.credentials.
     storage_options: Mapping[str, object] = field(default_factory=dict)
     credentials_block: str | None = None  # a Prefect AwsCredentials block, loaded by tasks
-    # Secrets merged in by the task layer for the length of one task; never serialised.
-    credentials: Mapping[str, str] | None = field(default=None, repr=False, compare=False)
     lease: str | None = None  # the URL of the lease this run holds, checked before committing
 
     def __post_init__(self) -> None:
@@ -66,12 +64,19 @@ class Job:
         return layout.labelset_id(self.classes, self.model, self.templates)
 
     @property
+    def credentials(self) -> Mapping[str, str] | None:
+        """Secrets the task layer attached for the length of one task (`with_credentials`). Not a
+        field: no serialisation of a Job (JSON for Prefect, pickle for Dask) carries them."""
+        return self.__dict__.get(_CREDENTIALS)
+
+    @property
     def options(self) -> dict | None:
         """fsspec storage options: the job's, with any loaded credentials."""
-        merged = {**self.storage_options, **(self.credentials or {})}
+        credentials = self.credentials or {}
+        merged = {**self.storage_options, **credentials}
         client_kwargs = {
             **dict(self.storage_options.get("client_kwargs") or {}),
-            **dict((self.credentials or {}).get("client_kwargs") or {}),
+            **dict(credentials.get("client_kwargs") or {}),
         }
         if client_kwargs:
             merged["client_kwargs"] = client_kwargs
@@ -92,15 +97,18 @@ class Job:
         return replace(self, source=source, run_id=run_id)
 
     def with_credentials(self, credentials: Mapping[str, str] | None) -> Job:
-        return replace(self, credentials=credentials)
+        job = replace(self)
+        job.__dict__[_CREDENTIALS] = credentials
+        return job
 
     def __getstate__(self) -> dict:  # secrets never leave the process that loaded them
-        state = dict(self.__dict__)
-        state["credentials"] = None
-        return state
+        return {k: v for k, v in self.__dict__.items() if k != _CREDENTIALS}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+
+
+_CREDENTIALS = "_credentials"
 
 
 @dataclass(frozen=True)

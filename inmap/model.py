@@ -157,10 +157,15 @@ _checksum_lock = threading.Lock()
 
 
 def file_sha256(path: str) -> str:
-    """sha256 of a checkpoint, remembered by (path, size, mtime) in ~/.cache/inmap, so a 600 MB
-    file is hashed once, and again whenever it is replaced."""
+    """sha256 of a checkpoint, remembered in ~/.cache/inmap by path, size, mtime, inode and ctime,
+    so a 600 MB file is hashed once, and again whenever it is replaced: a copy that keeps the old
+    mtime (`cp -p`, rsync -t, tar) still gets a new inode or ctime."""
     stat = os.stat(path)
-    key = f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    key = "\0".join(
+        str(part)
+        for part in (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino,
+                     stat.st_ctime_ns)
+    )  # fmt: skip
     cache_path = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "inmap"
     cache_file = cache_path / "checkpoint-sha256.json"
     with _checksum_lock:
