@@ -196,6 +196,7 @@ def crash_runs_left_behind(deployment_names: list[str]) -> None:
         DeploymentFilter,
         DeploymentFilterName,
         FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
         FlowRunFilterState,
         FlowRunFilterStateType,
     )
@@ -211,7 +212,16 @@ def crash_runs_left_behind(deployment_names: list[str]) -> None:
             ),
             deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=deployment_names)),
         )
-        for run in runs:
+        # Their partition subflows ran in the same process: crash those too.
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id for run in runs]),
+                state=FlowRunFilterState(
+                    type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING])
+                ),
+            )
+        ) if runs else []  # fmt: skip
+        for run in [*runs, *children]:
             client.set_flow_run_state(
                 run.id,
                 Crashed(message="its serving process was restarted; the run died with it"),

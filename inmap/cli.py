@@ -13,6 +13,7 @@ A mistake in the input prints one line and exits 2; a run that could not finish 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as error:
         return _report_error(error, args)
+    finally:
+        # A long run leaves a large heap: collecting it at exit takes seconds, for nothing.
+        gc.freeze()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,6 +219,10 @@ def _label_command(args: argparse.Namespace) -> int:
     check_table_path(args.output)
     if not args.credentials_block:
         read_classes(args.classes, storage_options or None)
+    _say_server_start()
+    from inmap.model import resolve_model
+
+    resolve_model(args.model, args.pretrained, args.device)  # fetches the weights, or says why not
 
     from flows.inmap_flow import inmap_flow, make_task_runner
 
@@ -439,13 +447,25 @@ def _json(text: str | None, option: str):
         raise InputError(f"{option} is not valid JSON ({error}): {text}") from None
 
 
+def _say_server_start() -> None:
+    if not os.environ.get("PREFECT_API_URL"):
+        timeout = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "20")
+        print(
+            f"inmap: starting; Prefect's embedded server gets up to {timeout}s to start on a busy "
+            "machine (set PREFECT_API_URL to use a running one)",
+            file=sys.stderr,
+        )
+
+
 def _prefect_defaults() -> None:
     """Settings for the embedded defaults, unless the user set them."""
     os.environ.setdefault(
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_STARTUP_SECONDS
     )
-    # The embedded ephemeral server should not phone home (and logs errors when offline).
+    # The embedded ephemeral server and the client should not phone home (and log errors when
+    # offline).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
     # inmap's own log lines go to Prefect's console and run logs.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "inmap")
 

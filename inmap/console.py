@@ -29,7 +29,6 @@ def run_with_console(flow: Callable, parameters: dict, *, live: bool = True):
     handlers = _console_handlers()
     for handler in handlers:
         handler.addFilter(hidden)
-    _say_server_start()
     try:
         if live and sys.stderr.isatty():
             with _LiveDisplay() as display:
@@ -76,9 +75,18 @@ class _LiveDisplay:
 
     def __enter__(self) -> _LiveDisplay:
         self.progress.start()
+        # Prefect's console handler prints through a rich Console of its own, which would write
+        # over the bars; send its lines through the display's console, above the bars.
+        self.swapped = []
+        for handler in _console_handlers():
+            if hasattr(handler, "console"):
+                self.swapped.append((handler, handler.console))
+                handler.console = self.progress.console
         return self
 
     def __exit__(self, *exc) -> None:
+        for handler, console in self.swapped:
+            handler.console = console
         self.progress.stop()
 
     def report(self, stage: str, piece: str, done: int, total: int) -> None:
@@ -134,15 +142,3 @@ def _console_handlers() -> list[logging.Handler]:
         for handler in logging.getLogger().handlers
         if isinstance(handler, logging.StreamHandler)
     ]
-
-
-def _say_server_start() -> None:
-    import os
-
-    if not os.environ.get("PREFECT_API_URL"):
-        timeout = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "20")
-        print(
-            f"inmap: starting Prefect's embedded server (up to {timeout}s on a busy machine; "
-            "set PREFECT_API_URL to use a running one)",
-            file=sys.stderr,
-        )

@@ -41,7 +41,8 @@ if TINY_MODEL not in open_clip.list_models():
 
 OFFLINE_ADVICE = (
     "If this machine is offline, either pass a local checkpoint (--pretrained "
-    "/path/to/open_clip_model.safetensors on the command line, pretrained='/path/...' in Python), "
+    "/path/to/open_clip_model.safetensors on the command line, pretrained='/path/...' in Python; "
+    "for OpenAI's weights name the model with -quickgelu, e.g. --model ViT-B-32-quickgelu), "
     "or fill the Hugging Face cache on a connected machine and point HF_HOME at it, with "
     "HF_HUB_OFFLINE=1 so nothing is fetched (offline, loading then fails at once instead of after "
     "a minute of retries)."
@@ -206,7 +207,8 @@ def download_weights(name: str, tag: str, tag_config: dict) -> str:
         repo = tag_config.get("hf_hub", "").strip("/")
         fetch = f" (e.g. `hf download {repo}`)" if repo else ""
         cause = " ".join(str(error).split())
-        cause = cause if len(cause) <= 300 else cause[:297] + "..."
+        if len(cause) > 400:
+            cause = cause[:400].rsplit(" ", 1)[0] + " ..."
         raise WeightsUnavailableError(
             f"could not download the pretrained weights {tag!r} of {name}: {cause}. "
             + OFFLINE_ADVICE.replace("connected machine", f"connected machine{fetch}")
