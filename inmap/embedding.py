@@ -77,7 +77,9 @@ def embedding_index(job: Job) -> pa.Table:
     )
     joined = index.join(listed, "shard_id", join_type="inner")
     valid = joined.filter(pc.equal(joined["shard_bytes"], joined["listed_bytes"]))
-    orphans = set(files) - set(index["shard_id"].to_pylist())
+    # Files no index row vouches for: written just before a crash, or since damaged (another
+    # size than indexed). Each is read (two small columns) and indexed, or moved aside.
+    orphans = set(files) - set(valid["shard_id"].to_pylist())
     if orphans:
         adopted = _adopt(sorted(orphans), files, job)
         index_columns = valid.select(EMBEDDING_INDEX_SCHEMA.names).cast(EMBEDDING_INDEX_SCHEMA)

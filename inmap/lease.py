@@ -60,11 +60,14 @@ class Lease:
             raise OutputBusyError(self._lost)
 
     def release(self) -> None:
+        """Stop renewing and mark the lease released (expired now). The file stays, so that
+        generation numbers only grow: a stalled holder can never see its number come back."""
         self._stop.set()
         self._thread.join()
         if not self._lost:
+            released = LeaseRecord(**{**asdict(self.record), "expires": 0.0})
             try:
-                storage.delete(self.url, self._options)
+                storage.write_bytes_atomic(_encode(released), self.url, self._options)
             except StorageError as error:  # it expires on its own
                 logger.warning("could not release the lease %s: %s", self.url, error)
 
@@ -116,7 +119,7 @@ def acquire(
             url = _url(directory, newest + 1)
             if storage.create_exclusive(_encode(record), url, storage_options):
                 for old in generations:  # expired or released: clear them away
-                    if old < newest:
+                    if old <= newest:
                         storage.delete(_url(directory, old), storage_options)
                 return Lease(url, record, ttl, storage_options)
             continue  # another run took that generation first: look again
@@ -136,13 +139,13 @@ def acquire(
 def _live_holder(
     directory: str, generation: int, storage_options: dict | None
 ) -> LeaseRecord | None:
-    """The record of `generation` if it is live; None if expired or released (gone)."""
+    """The record of `generation` if it is live; None if expired, released or gone."""
     url = _url(directory, generation)
     try:
         record = LeaseRecord(**json.loads(storage.read_bytes(url, storage_options)))
     except StorageError as error:
         if "not found" in str(error):
-            return None  # released between listing and reading
+            return None  # taken over and cleared between listing and reading
         raise
     except (ValueError, TypeError):
         # Being written right now (a local create is not atomic), or left torn by a crash: live

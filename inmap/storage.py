@@ -111,7 +111,7 @@ def read_bytes_many(
         for uri in uris:
             scheme = "" if is_local(uri) else uri.split("://", 1)[0]
             if scheme not in filesystems:
-                filesystems[scheme] = url_to_fs(uri, storage_options)[0]
+                filesystems[scheme] = _reader_fs(uri, storage_options)
             fs = filesystems[scheme]
             path = url_to_fs(uri)[1] if not scheme else fs._strip_protocol(uri)
             pending.append(
@@ -124,6 +124,20 @@ def read_bytes_many(
     finally:
         stopped.set()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _reader_fs(uri: str, storage_options: dict | None) -> fsspec.AbstractFileSystem:
+    """The filesystem for reading `uri`. On S3, s3fs and botocore would each retry a failed GET
+    several times (about 45 s for one object of a store answering 503) under inmap's own loop;
+    here they try once, so `retry_seconds` is what bounds a read."""
+    if is_local(uri) or not uri.startswith(("s3://", "s3a://")):
+        return url_to_fs(uri, storage_options)[0]
+    options = dict(storage_options or {})
+    config = dict(options.get("config_kwargs") or {})
+    config["retries"] = {"total_max_attempts": 1}
+    fs = url_to_fs(uri, {**options, "config_kwargs": config})[0]
+    fs.retries = 1
+    return fs
 
 
 def _read_retrying(

@@ -24,6 +24,7 @@ import os
 import random
 import re
 import time
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,10 +40,14 @@ APP_VERSION = 1  # each app_id commits once
 
 
 def table_uri(url: str) -> str:
-    """The spelling of `url` that delta-rs reads and writes: an absolute local path, or the URL."""
+    """The spelling of `url` that delta-rs reads and writes: an absolute local path, or the URL
+    with its key percent-encoded (delta-rs parses it as a URL: a raw `#` or `?` would cut the key
+    short, and two tables would become one)."""
     if storage.is_local(url):
         return os.path.abspath(url.removeprefix("file://"))
-    return url
+    scheme, _, rest = url.partition("://")
+    bucket, _, key = rest.partition("/")
+    return f"{scheme}://{bucket}/{urllib.parse.quote(key, safe='/')}" if key else url
 
 
 def delta_options(storage_options: dict | None) -> dict[str, str]:
@@ -328,20 +333,21 @@ def _storage_error(url: str, action: str, error: Exception) -> StorageError:
 
 
 def check_table_path(url: str) -> None:
-    """Refuse, before any work, a local output path that delta-rs cannot use: a `%` followed by
-    two hex digits is decoded by delta-rs into another directory, and a backslash is not a path
-    character to it. Everything else works, `[ ] # ? *`, spaces and unicode included."""
-    if not storage.is_local(url):
-        return
-    path = table_uri(url)
+    """Refuse, before any work, an output that delta-rs cannot use: it decodes `%` escapes in a
+    path (so `%41` lands in another folder, and an object key holding any `%` cannot be opened
+    again), and a backslash is not a path character to it. Everything else works, `[ ] # ? *`,
+    spaces and unicode included."""
+    path = table_uri(url) if storage.is_local(url) else url.partition("://")[2]
     problems = []
-    if re.search(r"%[0-9A-Fa-f]{2}", path):
+    if storage.is_local(url) and re.search(r"%[0-9A-Fa-f]{2}", path):
         problems.append("'%' followed by two hex digits (read as a URL escape)")
+    if not storage.is_local(url) and "%" in path:
+        problems.append("'%' (read as a URL escape)")
     if "\\" in path:
         problems.append("a backslash")
     if problems:
         raise OutputPathError(
-            f"output {url}: Delta Lake cannot use a local path holding {' and '.join(problems)}; "
+            f"output {url}: Delta Lake cannot use a path holding {' and '.join(problems)}; "
             "choose another output path"
         )
 
