@@ -112,7 +112,8 @@ def label_partition(job: Job) -> RunSummary:
             with _gpu_annotation():
                 shards = stages.embed_shard.map(plan.shards, unmapped(job)).result()
         _count_embedding(summary, found, plan, shards)
-        index = stages.index_embeddings(job)
+        # Read the index again only if this run added to it.
+        index = stages.index_embeddings(job) if plan.shards else plan.index
         todo = stages.plan_predictions(found.images, index, job)
         if todo:
             to_predict = sum(p.images for p in todo)

@@ -41,6 +41,7 @@ class EmbeddingPlan:
     shards: list[ShardPlan]
     cached: int  # listed images that already have an embedding
     known_failures: int  # listed images that failed to decode before, unchanged since
+    index: pa.Table | None = None  # the embedding index it was planned from
 
 
 @dataclass(frozen=True)
@@ -57,9 +58,11 @@ def index_uri(job: Job) -> str:
 
 
 def embedding_index(job: Job) -> pa.Table:
-    """(uri, etag, shard_uri) of every image embedded with the job's model, one row per image.
+    """(uri, etag, shard_uri) of the images embedded with the job's model (`shard_uri`
+    dictionary-encoded: one string per shard, not per image).
 
-    Reads the index table and lists the shard files (sizes only); see the module docstring."""
+    Reads the index table and lists the shard files (sizes only); see the module docstring. Its
+    memory is about the index's own: no join, no per-image strings built."""
     directory = layout.embedding_dir(job.output, job.model)
     files = {
         storage.basename(url).removesuffix(".parquet"): size
@@ -69,38 +72,24 @@ def embedding_index(job: Job) -> pa.Table:
     index = tables.read(index_uri(job), job.options)
     if index is None:
         index = EMBEDDING_INDEX_SCHEMA.empty_table()
-    listed = pa.table(
-        {
-            "shard_id": pa.array(list(files), pa.string()),
-            "listed_bytes": pa.array(list(files.values()), pa.int64()),
-        }
-    )
-    joined = index.join(listed, "shard_id", join_type="inner")
-    valid = joined.filter(pc.equal(joined["shard_bytes"], joined["listed_bytes"]))
+    shard_ids = pc.dictionary_encode(index["shard_id"]).combine_chunks()
+    listed_sizes = pa.array([files.get(sid, -1) for sid in shard_ids.dictionary.to_pylist()],
+                            pa.int64())  # fmt: skip
+    # A row counts when its shard file is there with the size it was indexed with.
+    valid = pc.equal(index["shard_bytes"], pc.take(listed_sizes, shard_ids.indices))
+    index = index.filter(valid)
     # Files no index row vouches for: written just before a crash, or since damaged (another
     # size than indexed). Each is read (two small columns) and indexed, or moved aside.
-    orphans = set(files) - set(valid["shard_id"].to_pylist())
+    orphans = set(files) - set(pc.unique(index["shard_id"]).to_pylist())
     if orphans:
         adopted = _adopt(sorted(orphans), files, job)
-        index_columns = valid.select(EMBEDDING_INDEX_SCHEMA.names).cast(EMBEDDING_INDEX_SCHEMA)
-        valid = pa.concat_tables([index_columns, adopted])
-    valid = _first_per_image(valid)
-    shard_uris = pc.binary_join_element_wise(
-        pa.scalar(directory + "/"), valid["shard_id"], pa.scalar(".parquet"), ""
+        index = pa.concat_tables([index.cast(EMBEDDING_INDEX_SCHEMA), adopted])
+    shard_ids = pc.dictionary_encode(index["shard_id"]).combine_chunks()
+    shard_uris = pa.DictionaryArray.from_arrays(
+        shard_ids.indices,
+        pa.array([f"{directory}/{sid}.parquet" for sid in shard_ids.dictionary.to_pylist()]),
     )
-    return pa.table({"uri": valid["uri"], "etag": valid["etag"], "shard_uri": shard_uris})
-
-
-def _first_per_image(index: pa.Table) -> pa.Table:
-    """One row per (uri, etag): two runs may have embedded an image twice before the lease."""
-    if index.num_rows == 0:
-        return index
-    keys = pc.binary_join_element_wise(index["uri"], index["etag"], "\x00")
-    numbered = index.append_column("_key", keys).append_column(
-        "_row", pa.array(range(index.num_rows), pa.int64())
-    )
-    first = numbered.group_by("_key", use_threads=False).aggregate([("_row", "min")])
-    return index.take(pc.sort_indices(first["_row_min"]))
+    return pa.table({"uri": index["uri"], "etag": index["etag"], "shard_uri": shard_uris})
 
 
 def _adopt(shard_ids: list[str], sizes: dict[str, int], job: Job) -> pa.Table:
@@ -156,7 +145,7 @@ def plan_embedding(
         known_failures.filter(pc.equal(known_failures["stage"], "read"))["uri"].to_pylist()
     )
     if pending.num_rows == 0:
-        return EmbeddingPlan([], cached, skipped)
+        return EmbeddingPlan([], cached, skipped, index)
     preprocessing_id = load_encoder(job.model).preprocessing_id
     uris = pending["uri"].to_pylist()
     etags = pending["etag"].to_pylist()
@@ -167,7 +156,7 @@ def plan_embedding(
         shard_id = layout.shard_id(chunk_uris, chunk_etags, job.model, preprocessing_id)
         retrying = tuple(uri for uri in chunk_uris if uri in unread)
         shards.append(ShardPlan(shard_id, chunk_uris, chunk_etags, retrying))
-    return EmbeddingPlan(shards, cached, skipped)
+    return EmbeddingPlan(shards, cached, skipped, index)
 
 
 def embed_shard(

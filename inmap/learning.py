@@ -61,7 +61,13 @@ class ProxyArtifact:
 
     @property
     def n_images(self) -> int:
+        """Images it was learned on (a sample, above `max_train_images`)."""
         return int(self.stats.get("n_images", 0))
+
+    @property
+    def archive_images(self) -> int:
+        """Embedded images of the source when it was learned, sampled or not."""
+        return int(self.stats.get("archive_images", self.n_images))
 
 
 @dataclass
@@ -142,22 +148,40 @@ def _read_cached(uri: str, job: Job) -> pa.Table | None:
 # --- vision proxy --------------------------------------------------------------------------------
 
 
-def training_rows(index: pa.Table, job: Job, manifest: pa.Table | None = None) -> pa.Table:
-    """The (uri, etag, shard_uri) rows to learn on: the embedded images of the listed source
-    (of the source prefix, when the listing is only what is new), or a uniform sample of them."""
+def training_rows(
+    index: pa.Table, job: Job, manifest: pa.Table | None = None
+) -> tuple[pa.Table, int]:
+    """(the (uri, etag, shard_uri) rows to learn on, how many there were before sampling): the
+    embedded images of the listed source (of the source prefix, when the listing is only what is
+    new), each once, or a uniform sample of `job.max_train_images` of them."""
     if manifest is not None and job.listing == "full":
         rows = semi_join(index, manifest)
     else:
         rows = index.filter(pc.starts_with(index["uri"], job.source.rstrip("/") + "/"))
+    rows = _once_per_image(rows)
+    archive = rows.num_rows
     limit = job.max_train_images
     if limit is not None and rows.num_rows > limit:
         chosen = sorted(random.Random(0).sample(range(rows.num_rows), limit))
         rows = rows.take(pa.array(chosen))
-    return rows
+    return rows, archive
+
+
+def _once_per_image(rows: pa.Table) -> pa.Table:
+    """The first row of each (uri, etag): two runs before the lease could embed an image twice."""
+    if rows.num_rows < 2:
+        return rows
+    numbered = rows.select(["uri", "etag"]).append_column(
+        "_row", pa.array(range(rows.num_rows), pa.int64())
+    )
+    first = numbered.group_by(["uri", "etag"], use_threads=False).aggregate([("_row", "min")])
+    if first.num_rows == rows.num_rows:
+        return rows
+    return rows.take(pc.sort_indices(first["_row_min"]))
 
 
 def choose_proxy(
-    job: Job, training_images: int, to_predict: int, latest_proxy_id: str | None
+    job: Job, archive_images: int, to_predict: int, latest_proxy_id: str | None
 ) -> tuple[ProxyArtifact | None, str]:
     """(the labelset's latest proxy, or None to learn one; why).
 
@@ -175,20 +199,20 @@ def choose_proxy(
         return latest, "relearn='never'"
     if latest.hyperparameters != asdict(job.hyperparameters):
         return None, "the hyper-parameters differ from those of the latest proxy"
-    learned_on = max(latest.n_images, 1)
-    if training_images > learned_on * (1 + GROWTH_TO_RELEARN):
+    learned_on = max(latest.archive_images, 1)
+    if archive_images > learned_on * (1 + GROWTH_TO_RELEARN):
         return None, (
-            f"the archive grew from {learned_on} to {training_images} embedded images, "
+            f"the archive grew from {learned_on} to {archive_images} embedded images, "
             f"more than {GROWTH_TO_RELEARN:.0%}"
         )
     if to_predict > learned_on * GROWTH_TO_RELEARN:
         return None, (
             f"this drop ({to_predict} images) is more than {GROWTH_TO_RELEARN:.0%} of the "
-            f"{learned_on} images the latest proxy was learned on"
+            f"{learned_on} images the latest proxy was learned from"
         )
     return latest, (
-        f"learned on {learned_on} images; the archive has {training_images} and this drop "
-        f"{to_predict}, within {GROWTH_TO_RELEARN:.0%}"
+        f"learned when the archive had {learned_on} images; it has {archive_images} and this "
+        f"drop {to_predict}, within {GROWTH_TO_RELEARN:.0%}"
     )
 
 
@@ -196,6 +220,7 @@ def learn_proxy(
     rows: pa.Table,
     text_proxy: np.ndarray,
     job: Job,
+    archive_images: int | None = None,
     on_step: Callable[[int, int], None] | None = None,
 ) -> ProxyArtifact:
     """Learn the vision proxy over the embeddings in `rows` and save it, or read it back if the
@@ -227,6 +252,7 @@ def learn_proxy(
     vision_proxy = fit.vision_proxy.float().cpu().numpy()
     stats = {
         "n_images": fit.n_images,
+        "archive_images": archive_images or fit.n_images,
         "iterations": fit.iterations,
         "converged": fit.converged,
         "refined_by": fit.refined_by,
@@ -323,9 +349,9 @@ def vision_proxy(
     `choose_proxy`), over the embedded images of the source."""
     from inmap.report import latest_proxy_id
 
-    rows = training_rows(index, job, manifest)
-    latest, reason = choose_proxy(job, rows.num_rows, to_predict, latest_proxy_id(job))
+    rows, archive = training_rows(index, job, manifest)
+    latest, reason = choose_proxy(job, archive, to_predict, latest_proxy_id(job))
     if latest is not None:
         return ProxyChoice(latest, False, reason)
     text_proxy = build_text_proxy(job)
-    return ProxyChoice(learn_proxy(rows, text_proxy, job, on_step), True, reason)
+    return ProxyChoice(learn_proxy(rows, text_proxy, job, archive, on_step), True, reason)

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from inmap import storage
 from inmap.errors import OutputPathError, StorageError
@@ -36,6 +37,7 @@ from inmap.errors import OutputPathError, StorageError
 logger = logging.getLogger(__name__)
 
 COMMIT_ATTEMPTS = 12
+CHECKPOINT_INTERVAL = 10  # commits between checkpoints (Delta's default is 100)
 APP_VERSION = 1  # each app_id commits once
 
 
@@ -133,8 +135,6 @@ def read(
 ) -> pa.Table | None:
     """The table's current version (only `columns`, only rows of one `partition` value), or None
     where there is no table. Parquet column projection: unread columns cost nothing."""
-    import pyarrow.compute as pc
-
     table = open_table(url, storage_options)
     if table is None:
         return None
@@ -207,7 +207,7 @@ class _Merge:
 
 def _merge(url: str, rows: pa.Table, how: _Merge, storage_options: dict | None) -> int:
     """One MERGE of `rows` on `how.keys`; -1 if `how.app_id` was already committed."""
-    from deltalake import CommitProperties, Transaction
+    from deltalake import CommitProperties, Transaction, WriterProperties
 
     keys, app_id, partition_by, update = how.keys, how.app_id, how.partition_by, how.update
     if keys:
@@ -218,14 +218,15 @@ def _merge(url: str, rows: pa.Table, how: _Merge, storage_options: dict | None) 
         if app_id and (table.transaction_version(app_id) or 0) >= APP_VERSION:
             return -1
         predicate = " AND ".join(f"t.{key} = s.{key}" for key in keys) or "false"
-        literal = _partition_literal(rows, partition_by) if keys else None
-        if literal:  # lets delta-rs skip every other partition's files
-            predicate = f"{literal} AND {predicate}"
+        literals = _pruning_literals(rows, keys, partition_by)
+        if literals:  # implied by the join; lets delta-rs skip files that cannot match
+            predicate = f"{literals} AND {predicate}"
         merger = table.merge(
             rows,
             predicate,
             source_alias="s",
             target_alias="t",
+            writer_properties=WriterProperties(compression="ZSTD"),
             commit_properties=CommitProperties(
                 app_transactions=[Transaction(app_id, APP_VERSION)] if app_id else None,
                 max_commit_retries=0,  # conflicts come back here, to re-read and merge again
@@ -254,6 +255,8 @@ def _create(url: str, schema: pa.Schema, partition_by, storage_options):
             partition_by=list(partition_by) if partition_by else None,
             mode="ignore",
             storage_options=_options_for(url, storage_options),
+            # Opening a table reads the log since its last checkpoint: keep that short.
+            configuration={"delta.checkpointInterval": str(CHECKPOINT_INTERVAL)},
         )
     except Exception:
         table = open_table(url, storage_options)
@@ -273,25 +276,49 @@ def delete_where(url: str, predicate: str, storage_options: dict | None = None) 
     _retrying(url, "delete from", attempt)
 
 
-def _partition_literal(rows: pa.Table, partition_by: Sequence[str] | None) -> str | None:
-    if not partition_by or rows.num_rows == 0:
+def compact_if_fragmented(
+    url: str, storage_options: dict | None = None, *, max_files: int = 64
+) -> bool:
+    """Compact a table that has grown more than `max_files` files (each commit adds some), so a
+    run's reads stay few; older files are left for `inmap maintain` to vacuum."""
+    table = open_table(url, storage_options)
+    if table is None or len(table.file_uris()) <= max_files:
+        return False
+
+    def attempt() -> None:
+        open_table(url, storage_options).optimize.compact()
+
+    _retrying(url, "compact", attempt)
+    return True
+
+
+def _pruning_literals(rows: pa.Table, keys: Sequence[str], partition_by) -> str | None:
+    """Conditions on the target that the join implies: the partition value, and the range of
+    uris, so a MERGE reads only the files whose statistics overlap the new rows (drops whose keys
+    sort by arrival touch only the newest files)."""
+    if not keys or rows.num_rows == 0:
         return None
     clauses = []
-    for column in partition_by:
+    for column in partition_by or ():
         values = set(rows[column].to_pylist())
         if len(values) != 1:
             return None
-        value = str(values.pop()).replace("'", "''")
-        clauses.append(f"t.{column} = '{value}'")
-    return " AND ".join(clauses)
+        clauses.append(f"t.{column} = {_sql_string(values.pop())}")
+    if "uri" in keys:
+        bounds = pc.min_max(rows["uri"])
+        low, high = bounds["min"].as_py(), bounds["max"].as_py()
+        clauses.append(f"t.uri >= {_sql_string(low)} AND t.uri <= {_sql_string(high)}")
+    return " AND ".join(clauses) or None
+
+
+def _sql_string(value: object) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
 
 
 def _distinct(rows: pa.Table, keys: Sequence[str]) -> pa.Table:
     """The first row per key: a MERGE source must not match one target row twice."""
     if rows.num_rows < 2:
         return rows
-    import pyarrow.compute as pc
-
     numbered = rows.append_column("_row", pa.array(range(rows.num_rows), pa.int64()))
     first = numbered.group_by(list(keys), use_threads=False).aggregate([("_row", "min")])
     return rows.take(pc.sort_indices(first["_row_min"]))

@@ -27,6 +27,7 @@ from inmap import (
     progress,
     report,
     storage,
+    tables,
 )
 from inmap.credentials import refuse_secrets
 from inmap.errors import InputError, OutputBusyError, UnreadableImagesError
@@ -110,6 +111,7 @@ def embed_shard(plan: embedding.ShardPlan, job: Job) -> embedding.ShardResult:
 
 @stage("index-embeddings")
 def index_embeddings(job: Job) -> pa.Table:
+    tables.compact_if_fragmented(embedding.index_uri(job), job.options)
     return embedding.embedding_index(job)
 
 

@@ -214,3 +214,25 @@ def read_delta(table, storage_options: dict | None = None):
 def one_row_per_image(predictions) -> bool:
     """No (labelset, uri, etag) twice."""
     return predictions.select(["labelset", "uri", "etag"]).unique().height == predictions.height
+
+
+def api_request(url: str, method: str = "GET", body: object = None, attempts: int = 6):
+    """A JSON call to a Prefect server; a busy server's 5xx or a dropped connection is tried
+    again (CI machines are shared)."""
+    import json
+    import urllib.error
+
+    data = None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    for attempt in range(attempts):
+        request = urllib.request.Request(url, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.load(response)
+        except urllib.error.HTTPError as error:
+            if error.code < 500 or attempt == attempts - 1:
+                raise
+        except urllib.error.URLError:
+            if attempt == attempts - 1:
+                raise
+        time.sleep(2 + 2 * attempt)

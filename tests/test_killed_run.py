@@ -12,12 +12,11 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, one_row_per_image, read_delta, wait_for
+from tests.conftest import REPO_ROOT, api_request, one_row_per_image, read_delta, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -38,14 +37,7 @@ def server_env(monkeypatch, request) -> dict:
 
 
 def call(api: str, path: str, body: dict | None = None):
-    request = urllib.request.Request(
-        f"{api}{path}",
-        data=None if body is None else json.dumps(body).encode(),
-        method="GET" if body is None else "POST",
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.load(response)
+    return api_request(f"{api}{path}", "GET" if body is None else "POST", body)
 
 
 def state_of(api: str, run_id: str) -> tuple[str, str]:

@@ -35,7 +35,6 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import urllib.request
 import uuid
 import warnings
 from contextlib import closing, contextmanager
@@ -47,7 +46,15 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from tests.conftest import REPO_ROOT, free_port, http_ok, one_row_per_image, read_delta, wait_for
+from tests.conftest import (
+    REPO_ROOT,
+    api_request,
+    free_port,
+    http_ok,
+    one_row_per_image,
+    read_delta,
+    wait_for,
+)
 
 BLOCK = "test-s3"
 DEPLOYMENT = "inmap/label-bucket"
@@ -123,11 +130,7 @@ def _leaf_bytes(array: pa.Array) -> list[bytes]:
 
 def api(env: dict, method: str, path: str, body: object = None) -> object:
     url = path if path.startswith("http") else env["PREFECT_API_URL"] + path
-    data = None if body is None else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json"}
-    request = urllib.request.Request(url, data=data, method=method, headers=headers)
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.load(response)
+    return api_request(url, method, body)
 
 
 def _every_page(env: dict, path: str, body: dict | None = None) -> list:
