@@ -81,7 +81,7 @@ class _LiveDisplay:
         for handler in _console_handlers():
             if hasattr(handler, "console"):
                 self.swapped.append((handler, handler.console))
-                handler.console = self.progress.console
+                handler.console = _AboveBars(handler.console, self.progress.console)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -105,6 +105,29 @@ class _LiveDisplay:
             speed = self.progress.tasks[task_id].speed
             rate = f"{speed:.1f} {unit}/s" if speed else ""
             self.progress.update(task_id, rate=rate)
+
+
+class _AboveBars:
+    """Stands in for a log handler's rich Console: renders each line as that console would (its
+    markup setting, highlighter and theme — Prefect's has markup off, so a name such as
+    `src [a]` prints as it is) and prints it through the live display's console, above the bars."""
+
+    def __init__(self, own, display) -> None:
+        self.own, self.display = own, display
+
+    def print(self, message, **kwargs) -> None:
+        from rich.text import Text
+
+        if isinstance(message, str):
+            text = self.own.render_str(message)
+            resolved = Text(text.plain, end=text.end)
+            for span in text.spans:  # style names resolved by the theme they were written for
+                resolved.stylize(self.own.get_style(span.style, default=""), span.start, span.end)
+            message = resolved
+        self.display.print(message, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.own, name)
 
 
 class _InputErrorTracebacks(logging.Filter):

@@ -336,17 +336,25 @@ def _retrying(url: str, action: str, attempt):
         except Exception as error:
             if number == COMMIT_ATTEMPTS or not _retryable(error):
                 raise _storage_error(url, action, error) from error
-            logger.info("retrying %s %s after %s: %s", action, url, type(error).__name__, error)
+            # A conflict is another writer's commit landing first (shards of one run commit to
+            # the index at once): routine, so it stays out of the console.
+            level = logging.DEBUG if _is_conflict(error) else logging.INFO
+            logger.log(level, "retrying %s %s after %s: %s", action, url, type(error).__name__,
+                       error)  # fmt: skip
             time.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, 10.0)
     raise AssertionError("unreachable")
 
 
+def _is_conflict(error: Exception) -> bool:
+    text = str(error).lower()
+    return type(error).__name__ == "CommitFailedError" or "conflict" in text or "concurrent" in text
+
+
 def _retryable(error: Exception) -> bool:
-    name = type(error).__name__
-    text = str(error)
-    if name == "CommitFailedError" or "conflict" in text.lower() or "concurrent" in text.lower():
+    if _is_conflict(error):
         return True
+    text = str(error)
     return storage.is_transient(error) or any(
         marker in text
         for marker in ("503", "500 ", "SlowDown", "connection", "Connection", "timed out",

@@ -104,3 +104,47 @@ def test_secrets_in_storage_options_are_refused_naming_the_safe_ways(tmp_path, o
     assert message in completed.stderr and "Traceback" not in completed.stderr
     if "secret" in message:
         assert "AWS_PROFILE" in completed.stderr and "--credentials-block" in completed.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_live_display_in_a_terminal_shows_every_stage_and_log_lines_as_written(
+    image_folder, tmp_path
+):
+    """In a real pseudo-terminal: a bar per stage that ends complete, and Prefect's log lines
+    printed above the bars as Prefect writes them (a source named `[a]` is not taken as markup)."""
+    import os
+    import pty
+    import re
+    import shutil
+
+    from prefect.settings import PREFECT_API_URL
+
+    source = tmp_path / "drop [a]"
+    shutil.copytree(image_folder, source)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("fish\nbird\ndog\n")
+    command = [sys.executable, "-m", "inmap.cli", "label", str(source), "--classes", str(classes),
+               "--output", str(tmp_path / "out"), *TINY]  # fmt: skip
+    primary, secondary = pty.openpty()
+    environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "COLUMNS": "160"}
+    process = subprocess.Popen(command, stdin=secondary, stdout=secondary, stderr=secondary,
+                               env=environment, cwd=REPO_ROOT)  # fmt: skip
+    os.close(secondary)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # the terminal closes when the process ends
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(primary)
+    assert process.wait(timeout=300) == 0
+    screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode("utf-8", "replace"))
+    for stage, done in (("listed", "15/15"), ("embedded", "15/15"), ("learning", "50/50"),
+                        ("predicted", "12/12")):  # fmt: skip
+        assert re.search(rf"{stage}\s+━+ {done}", screen), f"no complete {stage} bar"
+    assert f"Flow run '{source}'" in screen  # Prefect's own line, as Prefect writes it
+    assert "12 predicted, 12 embedded" in screen
