@@ -265,9 +265,17 @@ def _label_command(args: argparse.Namespace) -> int:
     }
     if args.pixel_budget is not None:
         parameters["pixel_budget"] = args.pixel_budget
+    from inmap import watchdog
     from inmap.console import run_with_console
 
-    summaries = run_with_console(flow, parameters, live=not args.no_progress)
+    # A killed CLI cannot stop the embedded server it started; the watchdog does.
+    guard = None if os.environ.get("PREFECT_API_URL") else watchdog.start()
+    try:
+        summaries = run_with_console(flow, parameters, live=not args.no_progress)
+    finally:
+        if guard is not None:
+            guard.terminate()
+            guard.wait()
     for summary in summaries:
         print(summary.line())
         for warning in summary.warnings:

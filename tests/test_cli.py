@@ -148,3 +148,35 @@ def test_live_display_in_a_terminal_shows_every_stage_and_log_lines_as_written(
         assert re.search(rf"{stage}\s+━+ {done}", screen), f"no complete {stage} bar"
     assert f"Flow run '{source}'" in screen  # Prefect's own line, as Prefect writes it
     assert "12 predicted, 12 embedded" in screen
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="the watchdog reads /proc")
+def test_a_killed_cli_leaves_no_embedded_prefect_server_behind(image_folder, tmp_path):
+    import os
+    import signal
+
+    from inmap import watchdog
+
+    classes = tmp_path / "classes.txt"
+    classes.write_text("fish\nbird\ndog\n")
+    environment = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    environment["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    command = [sys.executable, "-m", "inmap.cli", "label", str(image_folder), "--classes",
+               str(classes), "--output", str(tmp_path / "out"), *TINY, "--no-progress"]  # fmt: skip
+    process = subprocess.Popen(command, env=environment, cwd=REPO_ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 180
+    servers = []
+    while not servers:
+        assert process.poll() is None, "the run ended before its server was seen"
+        assert time.monotonic() < deadline, "no embedded server started"
+        servers = [pid for pid in watchdog._children(process.pid)
+                   if watchdog.SERVER_MARKER in watchdog._cmdline(pid)]  # fmt: skip
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait(30)
+    deadline = time.monotonic() + 30
+    while watchdog._start_time(servers[0]) is not None and not watchdog._is_zombie(servers[0]):
+        assert time.monotonic() < deadline, f"the embedded server {servers[0]} outlived its CLI"
+        time.sleep(0.2)
