@@ -17,6 +17,7 @@ import gc
 import json
 import os
 import sys
+import warnings
 from dataclasses import fields
 
 from inmap.config import DEFAULT_MODEL, DEFAULT_PRETRAINED, FitOptions, ProxyConfig
@@ -212,17 +213,22 @@ def _label_arguments(parser: argparse.ArgumentParser) -> None:
 def _label_command(args: argparse.Namespace) -> int:
     from inmap.classes import read_classes
     from inmap.credentials import refuse_secrets
+    from inmap.listing import check_local_source
     from inmap.tables import check_table_path
 
     # Mistakes that need no server are caught before one starts.
     storage_options = refuse_secrets(_json(args.storage_options, "--storage-options"))
     check_table_path(args.output)
+    for source in args.source:
+        check_local_source(source)
     if not args.credentials_block:
         read_classes(args.classes, storage_options or None)
     _say_server_start()
     from inmap.model import resolve_model
 
     resolve_model(args.model, args.pretrained, args.device)  # fetches the weights, or says why not
+    # The run's log says so already, in its place; the Python warning would say it twice.
+    warnings.filterwarnings("ignore", message=".* has RANDOM weights")
 
     from flows.inmap_flow import inmap_flow, make_task_runner
 

@@ -84,6 +84,15 @@ def local_etag(size: int, mtime: float) -> str:
 # --- local folders -------------------------------------------------------------------------------
 
 
+def check_local_source(source: str) -> None:
+    """Refuse a local source that does not exist (a typo), before any work; an S3 prefix is
+    checked when it is listed (an empty prefix is a normal empty run)."""
+    if storage.is_local(source):
+        _, path = storage.url_to_fs(source)
+        if not os.path.exists(path):
+            raise SourceNotFoundError(f"source {source} does not exist")
+
+
 def _list_local(
     source: str, root: str, start_after: str | None
 ) -> tuple[list[pa.RecordBatch], list[tuple[str, str]]]:

@@ -385,6 +385,8 @@ def check_table_path(url: str) -> None:
             f"output {url}: Delta Lake cannot use a path holding {' and '.join(problems)}; "
             "choose another output path"
         )
+    if storage.is_local(url) and os.path.exists(path) and not os.path.isdir(path):
+        raise OutputPathError(f"output {url} is a file; the output must be a folder (or a prefix)")
 
 
 def compact(

@@ -2,24 +2,27 @@
 
 Prefect's embedded (ephemeral) server is a child process of the CLI. A CLI killed with SIGKILL
 cannot stop it, and each such server would live on, holding a port and a few hundred MB. So the
-CLI starts a watchdog process: while the CLI lives it notes the CLI's server children, and once
-the CLI is gone it terminates those still running. When the CLI ends normally, Prefect has
-stopped the server already and the watchdog just exits.
+CLI starts a watchdog process and puts a token in its own environment, which the server inherits
+when Prefect starts it. Once the CLI is gone, the watchdog terminates the Prefect servers whose
+environment holds the token (there is no race with a server started just before the kill). When
+the CLI ends normally, Prefect has stopped the server already and the watchdog finds none.
 
 Linux only (it reads /proc); elsewhere no watchdog is started.
 
-    python -m inmap.watchdog PID    # what `start` runs
+    python -m inmap.watchdog PID TOKEN    # what `start` runs
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
 
 SERVER_MARKER = b"prefect.server.api.server:create_app"  # in the uvicorn command line Prefect runs
+TOKEN_VARIABLE = "INMAP_WATCHDOG_TOKEN"
 POLL_SECONDS = 1.0
 
 
@@ -27,8 +30,10 @@ def start() -> subprocess.Popen | None:
     """A watchdog for this process, or None where there is no /proc."""
     if not os.path.isdir("/proc/self/task"):
         return None
+    token = secrets.token_hex(8)
+    os.environ[TOKEN_VARIABLE] = token  # before the server starts: it inherits the environment
     return subprocess.Popen(
-        [sys.executable, "-m", "inmap.watchdog", str(os.getpid())],
+        [sys.executable, "-m", "inmap.watchdog", str(os.getpid()), token],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -36,32 +41,33 @@ def start() -> subprocess.Popen | None:
     )
 
 
-def watch(parent: int, poll: float = POLL_SECONDS) -> list[int]:
-    """Wait for `parent` to end, then terminate its server children; the pids terminated."""
+def watch(parent: int, token: str, poll: float = POLL_SECONDS) -> list[int]:
+    """Wait for `parent` to end, then terminate the Prefect servers started with `token` in their
+    environment; the pids terminated."""
     started = _start_time(parent)
-    servers: dict[int, int | None] = {}
     while started is not None and _start_time(parent) == started and not _is_zombie(parent):
-        for pid in _children(parent):
-            if pid not in servers and SERVER_MARKER in _cmdline(pid):
-                servers[pid] = _start_time(pid)
         time.sleep(poll)
+    tag = f"{TOKEN_VARIABLE}={token}".encode()
     stopped = []
-    for pid, pid_started in servers.items():
-        if _start_time(pid) == pid_started and SERVER_MARKER in _cmdline(pid):
+    for pid in _pids():
+        if SERVER_MARKER in _cmdline(pid) and tag in _environ(pid).split(b"\0"):
             _terminate(pid)
             stopped.append(pid)
     return stopped
+
+
+def servers_of(parent: int) -> list[int]:
+    """The Prefect server processes that are children of `parent`."""
+    return [pid for pid in _pids() if _ppid(pid) == parent and SERVER_MARKER in _cmdline(pid)]
 
 
 def _terminate(pid: int, grace: float = 5.0) -> None:
     try:
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and _start_time(pid) is not None:
-            if _is_zombie(pid):
-                return
+        while time.monotonic() < deadline and not _is_zombie(pid):
             time.sleep(0.1)
-        if _start_time(pid) is not None:
+        if not _is_zombie(pid):
             os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
@@ -82,28 +88,36 @@ def _start_time(pid: int) -> int | None:
     return int(fields[19]) if fields else None  # field 22: start time since boot, in ticks
 
 
+def _ppid(pid: int) -> int | None:
+    fields = _stat(pid)
+    return int(fields[1]) if fields else None
+
+
 def _is_zombie(pid: int) -> bool:
+    """Gone, or ended and not yet reaped."""
     fields = _stat(pid)
     return fields is None or fields[0] in ("Z", "X")
 
 
-def _children(parent: int) -> list[int]:
-    children = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            fields = _stat(int(name))
-            if fields and fields[1] == str(parent):
-                children.append(int(name))
-    return children
+def _pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
 
 
-def _cmdline(pid: int) -> bytes:
+def _read(path: str) -> bytes:
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as file:
+        with open(path, "rb") as file:
             return file.read()
     except OSError:
         return b""
 
 
+def _cmdline(pid: int) -> bytes:
+    return _read(f"/proc/{pid}/cmdline")
+
+
+def _environ(pid: int) -> bytes:
+    return _read(f"/proc/{pid}/environ")
+
+
 if __name__ == "__main__":
-    watch(int(sys.argv[1]))
+    watch(int(sys.argv[1]), sys.argv[2])

@@ -83,6 +83,29 @@ def test_bad_classes_file_is_a_one_line_error_before_anything_starts(image_folde
     assert completed.stderr.strip() == f"inmap: error: classes file {classes} line 2 is empty"
 
 
+@pytest.mark.parametrize("mistake", ["missing source", "output is a file"])
+def test_a_missing_source_or_an_output_that_is_a_file_is_one_line_before_anything_starts(
+    image_folder, tmp_path, mistake
+):
+    classes = tmp_path / "classes.txt"
+    classes.write_text("fish\nbird\n")
+    source, output = image_folder, tmp_path / "o"
+    if mistake == "missing source":
+        source = tmp_path / "no such folder"
+        expected = f"inmap: error: source {source} does not exist"
+    else:
+        output.write_text("not a folder")
+        expected = f"inmap: error: output {output} is a file; the output must be a folder"
+        expected += " (or a prefix)"
+    completed = subprocess.run(
+        [sys.executable, "-m", "inmap.cli", "label", str(source), "--classes", str(classes),
+         "--output", str(output), *TINY],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
+    )  # fmt: skip
+    assert completed.returncode == 2
+    assert completed.stderr.strip() == expected  # no server started, no traceback
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
@@ -171,12 +194,11 @@ def test_a_killed_cli_leaves_no_embedded_prefect_server_behind(image_folder, tmp
     while not servers:
         assert process.poll() is None, "the run ended before its server was seen"
         assert time.monotonic() < deadline, "no embedded server started"
-        servers = [pid for pid in watchdog._children(process.pid)
-                   if watchdog.SERVER_MARKER in watchdog._cmdline(pid)]  # fmt: skip
-        time.sleep(0.2)
+        servers = watchdog.servers_of(process.pid)
+        time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait(30)
     deadline = time.monotonic() + 30
-    while watchdog._start_time(servers[0]) is not None and not watchdog._is_zombie(servers[0]):
+    while not watchdog._is_zombie(servers[0]):
         assert time.monotonic() < deadline, f"the embedded server {servers[0]} outlived its CLI"
         time.sleep(0.2)
