@@ -179,7 +179,8 @@ def embed_shard(
             logger.warning("%s; moved it to %s and embedding it again", error, moved)
         else:
             _index_shard(url, plan.shard_id, job)
-            return ShardResult(plan.shard_id, rows, 0, cached=True)
+            unreadable = _left_out_unread(url, rows, plan, job)
+            return ShardResult(plan.shard_id, rows, 0, cached=True, unreadable=unreadable)
     encoder = load_encoder(job.model)
     result = embed_images(
         encoder,
@@ -203,6 +204,19 @@ def embed_shard(
         cached=False,
         unreadable=unreadable,
     )
+
+
+def _left_out_unread(url: str, rows: int, plan: ShardPlan, job: Job) -> tuple:
+    """The images an existing shard file left out because their read failed: a retried task
+    finds the file its first attempt wrote, and must fail the partition as that attempt did."""
+    if rows >= len(plan.uris):
+        return ()
+    present = set(storage.read_parquet(url, ["uri"], job.options)["uri"].to_pylist())
+    left_out = {uri for uri in plan.uris if uri not in present}
+    known = failures.known_failures(job)
+    unread = known.filter(pc.equal(known["stage"], "read"))["uri"].to_pylist()
+    reason = "its read failed (see `inmap errors`)"
+    return tuple((uri, reason) for uri in sorted(left_out.intersection(unread)))
 
 
 def _index_shard(url: str, shard_id: str, job: Job, pairs: pa.Table | None = None) -> None:

@@ -25,7 +25,8 @@ import torch
 from inmap import __version__, layout, storage
 from inmap.config import ProxyConfig
 from inmap.job import Job
-from inmap.pairs import semi_join
+from inmap.listing import source_uri
+from inmap.pairs import first_per_key, semi_join
 from inmap.proxy import fit_vision_proxy
 from inmap.schemas import (
     PROXY_SCHEMA,
@@ -157,27 +158,16 @@ def training_rows(
     if manifest is not None and job.listing == "full":
         rows = semi_join(index, manifest)
     else:
-        rows = index.filter(pc.starts_with(index["uri"], job.source.rstrip("/") + "/"))
-    rows = _once_per_image(rows)
+        source = source_uri(job.source, job.options)
+        under = pc.starts_with(index["uri"], source.rstrip("/") + "/")
+        rows = index.filter(pc.or_(under, pc.equal(index["uri"], source)))  # a folder, or a file
+    rows = first_per_key(rows)  # an image may sit in two shards (see embedding_index)
     archive = rows.num_rows
     limit = job.max_train_images
     if limit is not None and rows.num_rows > limit:
         chosen = sorted(random.Random(0).sample(range(rows.num_rows), limit))
         rows = rows.take(pa.array(chosen))
     return rows, archive
-
-
-def _once_per_image(rows: pa.Table) -> pa.Table:
-    """The first row of each (uri, etag): two runs before the lease could embed an image twice."""
-    if rows.num_rows < 2:
-        return rows
-    numbered = rows.select(["uri", "etag"]).append_column(
-        "_row", pa.array(range(rows.num_rows), pa.int64())
-    )
-    first = numbered.group_by(["uri", "etag"], use_threads=False).aggregate([("_row", "min")])
-    if first.num_rows == rows.num_rows:
-        return rows
-    return rows.take(pc.sort_indices(first["_row_min"]))
 
 
 def choose_proxy(

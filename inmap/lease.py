@@ -109,6 +109,7 @@ def acquire(
     directory = storage.join(output, "_lease")
     deadline = time.monotonic() + wait
     announced = False
+    attempted: LeaseRecord | None = None
     while True:
         generations = _generations(directory, storage_options)
         newest = max(generations, default=0)
@@ -117,14 +118,15 @@ def acquire(
             now = time.time()
             record = LeaseRecord(run_id, socket.gethostname(), os.getpid(), now, now + ttl)
             url = _url(directory, newest + 1)
+            attempted = record
             if storage.create_exclusive(_encode(record), url, storage_options):
                 for old in generations:  # expired or released: clear them away
                     if old <= newest:
                         storage.delete(_url(directory, old), storage_options)
                 return Lease(url, record, ttl, storage_options)
             continue  # another run took that generation first: look again
-        if holder.run_id == run_id:
-            raise OutputBusyError(f"run {run_id} already holds the lease on {output}")
+        if holder == attempted:  # our create landed, but its answer was lost and the retry refused
+            return Lease(_url(directory, newest), holder, ttl, storage_options)
         if time.monotonic() >= deadline:
             raise OutputBusyError(
                 f"output {output} is in use by {holder.describe()}; waited {wait:.0f}s. Run again "

@@ -84,6 +84,16 @@ def local_etag(size: int, mtime: float) -> str:
 # --- local folders -------------------------------------------------------------------------------
 
 
+def source_uri(source: str, storage_options: dict | None = None) -> str:
+    """`source` as the uris of its images begin: a local path made absolute, as `list_images`
+    writes them, so a relative source matches the uris an earlier run indexed."""
+    if not storage.is_local(source):
+        return source.rstrip("/")
+    _, root = storage.url_to_fs(source, storage_options)
+    root = root.rstrip("/") or "/"
+    return "file://" + root if source.startswith("file://") else root
+
+
 def check_local_source(source: str) -> None:
     """Refuse a local source that does not exist (a typo), before any work; an S3 prefix is
     checked when it is listed (an empty prefix is a normal empty run)."""
@@ -139,6 +149,11 @@ def _list_local(
                 continue
             if not stat.S_ISREG(info.st_mode) or not is_image_name(entry.name):
                 continue
+            if not uri.isascii() and not _is_utf8(uri):
+                # A name in another encoding: Arrow strings (and Delta, and S3 keys) are UTF-8.
+                shown = os.fsencode(uri).decode("utf-8", "backslashreplace")  # bad\xff.jpg
+                problems.append((shown, "the path is not valid UTF-8; rename the file or folder"))
+                continue
             if start_after is not None and uri <= start_after:
                 continue
             uris.append(uri)
@@ -150,6 +165,14 @@ def _list_local(
     if uris:
         batches.append(_batch(uris, etags, sizes))
     return batches, problems
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes, kept by Python as surrogate escapes
+        return False
+    return True
 
 
 def _link_problem(path: str, error: OSError) -> str:

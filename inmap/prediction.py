@@ -20,7 +20,7 @@ import torch
 from inmap import layout, storage, tables
 from inmap.job import Job
 from inmap.learning import ProxyArtifact
-from inmap.pairs import anti_join, semi_join
+from inmap.pairs import anti_join, first_per_key, semi_join
 from inmap.proxy import predict
 from inmap.schemas import PREDICTIONS_SCHEMA, embedding_matrix
 
@@ -58,7 +58,8 @@ def done_predictions(job: Job) -> pa.Table:
 
 def plan_predictions(manifest: pa.Table, index: pa.Table, done: pa.Table) -> list[PredictionPlan]:
     """(embedding shard, its images to label) for listed, embedded images with no prediction."""
-    located = semi_join(index, anti_join(manifest, done))
+    # Each image once: it may sit in two shards (see embedding_index).
+    located = first_per_key(semi_join(index, anti_join(manifest, done)))
     return [
         PredictionPlan(shard_uri, located.filter(pc.equal(located["shard_uri"], shard_uri))
                        .select(["uri", "etag"]))

@@ -20,6 +20,7 @@ resolved to keys here, since delta-rs ignores `AWS_PROFILE` unless forced.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import re
@@ -33,6 +34,7 @@ import pyarrow.compute as pc
 
 from inmap import storage
 from inmap.errors import OutputPathError, StorageError
+from inmap.pairs import first_per_key
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +213,7 @@ def _merge(url: str, rows: pa.Table, how: _Merge, storage_options: dict | None) 
 
     keys, app_id, partition_by, update = how.keys, how.app_id, how.partition_by, how.update
     if keys:
-        rows = _distinct(rows, keys)
+        rows = first_per_key(rows, keys)  # a MERGE source must not match one target row twice
 
     def attempt() -> int:
         table = _create(url, rows.schema, partition_by, storage_options)
@@ -315,15 +317,6 @@ def _sql_string(value: object) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
-def _distinct(rows: pa.Table, keys: Sequence[str]) -> pa.Table:
-    """The first row per key: a MERGE source must not match one target row twice."""
-    if rows.num_rows < 2:
-        return rows
-    numbered = rows.append_column("_row", pa.array(range(rows.num_rows), pa.int64()))
-    first = numbered.group_by(list(keys), use_threads=False).aggregate([("_row", "min")])
-    return rows.take(pc.sort_indices(first["_row_min"]))
-
-
 def _retrying(url: str, action: str, attempt):
     """Run `attempt` until it commits: conflicts with another writer and transient failures are
     retried with backoff; other errors are raised as StorageError naming the table."""
@@ -404,7 +397,7 @@ def compact(
         current = open_table(url, storage_options)
         current.create_checkpoint()
         removed = current.vacuum(
-            retention_hours=int(retention_hours),
+            retention_hours=math.ceil(retention_hours),  # never less than asked
             dry_run=False,
             enforce_retention_duration=False,
         )

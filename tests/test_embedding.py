@@ -164,6 +164,60 @@ def test_every_stage_runs_on_the_device_given(embedded_output, monkeypatch):
     assert job.fit.device == "cpu" and devices and set(devices) == {"cpu"}
 
 
+def test_an_image_in_two_shards_is_planned_learned_and_predicted_once(embedded_output):
+    """Two shards can hold one image (runs before the lease, a stalled run that was taken
+    over); the index keeps both rows, and everything downstream takes the image once."""
+    from inmap import learning, prediction
+
+    job, listing, plan = embedded_output
+    first = layout.shard_uri(job.output, job.model, plan.shards[0].shard_id)
+    copy = layout.shard_uri(job.output, job.model, "f" * 24)
+    storage.write_bytes_atomic(storage.read_bytes(first, job.options), copy, job.options)
+    index = embedding.embedding_index(job)  # adopts the copy
+    assert index.num_rows == 12 + len(plan.shards[0].uris)
+
+    todo = prediction.plan_predictions(listing, index, prediction.done_predictions(job))
+    planned = [uri for part in todo for uri in part.wanted["uri"].to_pylist()]
+    assert len(planned) == len(set(planned)) == 12
+    rows, archive = learning.training_rows(index, job, listing)
+    assert archive == rows.num_rows == len(set(rows["uri"].to_pylist())) == 12
+
+
+def test_a_relative_source_learns_over_its_images_when_only_new_keys_are_listed(
+    embedded_output, image_folder, monkeypatch
+):
+    from dataclasses import replace
+
+    from inmap import learning
+
+    job, listing, _ = embedded_output
+    monkeypatch.chdir(image_folder.parent)
+    relative = replace(job, source=image_folder.name, listing="after-last")
+    rows, archive = learning.training_rows(embedding.embedding_index(relative), relative)
+    assert archive == rows.num_rows == 12
+
+
+def test_a_retried_shard_task_still_reports_the_image_its_first_attempt_could_not_read(
+    image_folder, tmp_path
+):
+    """The first attempt wrote the shard without an unreadable image, then failed (say, while
+    indexing); the retry finds the file and must still report the image, so the partition fails
+    instead of committing without it."""
+    from inmap.batches import Failure
+    from inmap.listing import list_images
+
+    job = job_for(image_folder, tmp_path / "out", shard_size=20)
+    listing = list_images(str(image_folder)).images
+    shard = replan(job, listing).shards[0]
+    unread_uri, unread_etag = shard.uris[0], shard.etags[0]  # a good JPEG, its read failed
+    first_attempt = embedding.ShardPlan(shard.shard_id, shard.uris[1:], shard.etags[1:], ())
+    embedding.embed_shard(first_attempt, job)  # the file, without the image
+    failures.record([(unread_uri, unread_etag, Failure("read", "503 SlowDown"))], job)
+
+    retried = embedding.embed_shard(shard, job)
+    assert retried.cached and [uri for uri, _ in retried.unreadable] == [unread_uri]
+
+
 def test_a_read_failure_is_cleared_once_the_image_is_read(image_folder, tmp_path):
     from inmap.batches import Failure
     from inmap.listing import list_images

@@ -109,3 +109,25 @@ def test_a_torn_lease_file_counts_as_live_until_its_ttl_passes(tmp_path):
     old = time.time() - lease.DEFAULT_TTL - 5
     os.utime(torn, (old, old))
     lease.acquire(url, "run-b", wait=0).release()
+
+
+def test_a_create_whose_answer_was_lost_is_our_lease_not_a_stranger(output, monkeypatch):
+    """The conditional create lands, its answer is lost, and the retried create is refused: the
+    lease found there is the one this run just wrote, so it holds it at once."""
+    url, options = output
+    create = storage.create_exclusive
+    calls = []
+
+    def answer_lost(data, target, storage_options=None):
+        calls.append(target)
+        create(data, target, storage_options)
+        return False  # what the retry sees: the object is there
+
+    monkeypatch.setattr(storage, "create_exclusive", answer_lost)
+    start = time.monotonic()
+    held = lease.acquire(url, "run-a", options, wait=5)
+    monkeypatch.setattr(storage, "create_exclusive", create)
+    assert time.monotonic() - start < 4 and len(calls) == 1
+    assert held.url == calls[0] and held.record.run_id == "run-a"
+    held.release()
+    lease.acquire(url, "run-b", options, wait=0).release()  # released for real

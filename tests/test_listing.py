@@ -282,3 +282,13 @@ def test_cursor_lists_only_keys_after_the_mark(s3_root, s3_storage_options):
 
 def _md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
+
+
+def test_a_name_that_is_not_utf8_is_a_listing_problem_not_a_crash(tmp_path):
+    (tmp_path / "good.jpg").write_bytes(b"x")
+    with open(os.path.join(os.fsencode(tmp_path), b"bad\xff.jpg"), "wb") as file:
+        file.write(b"x")
+    listing = list_listing(str(tmp_path))
+    assert listing.images["uri"].to_pylist() == [f"{tmp_path}/good.jpg"]
+    assert listing.problems["uri"].to_pylist() == [f"{tmp_path}/bad\\xff.jpg"]
+    assert "not valid UTF-8" in listing.problems["error"][0].as_py()

@@ -65,6 +65,15 @@ def test_only_rows_not_there_are_inserted(tmp_path):
     assert table.filter(pl.col("uri") == "s3://b/00005.jpg")["label"].to_list() == ["cat"]
 
 
+def test_rows_repeated_in_one_commit_are_inserted_once_and_none_dropped(tmp_path):
+    url = str(tmp_path / "t")
+    repeated = pa.concat_tables([rows(0, 2), rows(0, 1), rows(2, 4), rows(1, 2)])  # 0 and 1 twice
+
+    assert insert(url, repeated) == 4
+    table = pl.read_delta(url)
+    assert sorted(table["uri"].to_list()) == [f"s3://b/{i:05d}.jpg" for i in range(4)]
+
+
 def test_racing_writers_never_duplicate_a_row(tmp_path):
     url = str(tmp_path / "t")
     errors = []
