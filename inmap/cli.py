@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     _output_arguments(maintain)
     maintain.add_argument(
         "--retention-hours",
-        type=float,
+        type=_hours,
         default=168,
         help="keep unreferenced table files this long, for readers of older versions (default 168)",
     )
@@ -313,9 +313,24 @@ def _storage_options(args: argparse.Namespace) -> dict | None:
     return options or None
 
 
+def _inmap_output(args: argparse.Namespace) -> None:
+    """Refuse a path where no inmap run ever wrote (a typo reads as an empty output otherwise)."""
+    from inmap import layout, tables
+    from inmap.errors import OutputPathError
+
+    options = _storage_options(args)
+    if all(tables.open_table(url, options) is None for url in
+           (layout.runs_dir(args.output), layout.predictions_dir(args.output))):  # fmt: skip
+        raise OutputPathError(
+            f"no inmap output at {args.output}: no run has recorded anything there; check the "
+            "path (it is what `inmap label --output` was given)"
+        )
+
+
 def _runs_command(args: argparse.Namespace) -> int:
     from inmap import results
 
+    _inmap_output(args)
     print(results.runs_text(args.output, _storage_options(args), limit=args.limit))
     return 0
 
@@ -323,6 +338,7 @@ def _runs_command(args: argparse.Namespace) -> int:
 def _labels_command(args: argparse.Namespace) -> int:
     from inmap import results
 
+    _inmap_output(args)
     table = results.latest_labels(args.output, _storage_options(args), labelset=args.labelset)
     results.write_labels(table, args.format, args.to)
     return 0
@@ -331,6 +347,7 @@ def _labels_command(args: argparse.Namespace) -> int:
 def _errors_command(args: argparse.Namespace) -> int:
     from inmap import results
 
+    _inmap_output(args)
     print(results.errors_text(args.output, _storage_options(args), limit=args.limit))
     return 0
 
@@ -459,6 +476,16 @@ def _json(text: str | None, option: str):
         return json.loads(text)
     except ValueError as error:
         raise InputError(f"{option} is not valid JSON ({error}): {text}") from None
+
+
+def _hours(text: str) -> float:
+    try:
+        hours = float(text)
+    except ValueError:
+        hours = -1.0
+    if not hours >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of hours >= 0")
+    return hours
 
 
 def _say_server_start() -> None:

@@ -1,8 +1,9 @@
 """The command line's view of a run: one live progress display (rich) with a line per stage, or
 plain log lines when the output is not a terminal.
 
-Input mistakes read as one line: while the run goes, tracebacks of `InputError`s are kept out of
-the console (they still reach the run's logs in Prefect), and the caller prints the message.
+Input mistakes, a busy output and unreadable images read as one line: while the run goes, their
+tracebacks are kept out of the console (they still reach the run's logs in Prefect), and the
+caller prints the message.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import threading
 from collections.abc import Callable
 
 from inmap import progress
-from inmap.errors import InputError
+from inmap.errors import SAYS_IT_ALL
 
 STAGES = {  # stage -> (line shown, unit)
     "list": ("listed", "images"),
@@ -25,7 +26,7 @@ STAGES = {  # stage -> (line shown, unit)
 
 def run_with_console(flow: Callable, parameters: dict, *, live: bool = True):
     """Call `flow(**parameters)` with a live display when stderr is a terminal."""
-    hidden = _InputErrorTracebacks()
+    hidden = _ExpectedErrorTracebacks()
     handlers = _console_handlers()
     for handler in handlers:
         handler.addFilter(hidden)
@@ -130,20 +131,20 @@ class _AboveBars:
         return getattr(self.own, name)
 
 
-class _InputErrorTracebacks(logging.Filter):
+class _ExpectedErrorTracebacks(logging.Filter):
     """Drops the engine's records of an input mistake (its traceback, its "Finished in state
     Failed" line) from the console; the run's API logs keep them. The CLI prints the one line."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.names = {cls.__name__ for cls in _subclasses(InputError)}
+        self.names = {cls.__name__ for kind in SAYS_IT_ALL for cls in _subclasses(kind)}
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
             return True
         error = record.exc_info[1] if record.exc_info else None
         while error is not None:
-            if isinstance(error, InputError):
+            if isinstance(error, SAYS_IT_ALL):
                 return False
             error = error.__cause__ or error.__context__
         message = record.getMessage()

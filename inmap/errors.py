@@ -59,3 +59,8 @@ class OutputBusyError(InmapError):
 
 def is_input_error(error: BaseException) -> bool:
     return isinstance(error, InputError)
+
+
+# Errors whose message says all a user needs (what, which, what to do): the CLI prints the one
+# line and keeps their tracebacks out of the console.
+SAYS_IT_ALL = (InputError, OutputBusyError, UnreadableImagesError)

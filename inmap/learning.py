@@ -181,7 +181,7 @@ def choose_proxy(
     if job.relearn == "always":
         return None, "relearn='always'"
     if latest_proxy_id is None:
-        return None, "no proxy learned yet for this labelset"
+        return None, "this labelset had none yet"
     latest = _read_proxy(layout.proxy_uri(job.output, latest_proxy_id), job)
     if latest is None:
         return None, f"the latest proxy {latest_proxy_id} is missing or unreadable"

@@ -11,6 +11,7 @@ that finds a newer generation than its own has lost the lease and must not commi
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
 from inmap import storage
-from inmap.errors import OutputBusyError, StorageError
+from inmap.errors import OutputBusyError, OutputPathError, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,12 @@ class Lease:
         self._options = storage_options
         self._stop = threading.Event()
         self._lost: str | None = None
-        self._thread = threading.Thread(target=self._renew_loop, name="inmap-lease", daemon=True)
+        # The caller's context (a Prefect flow run's, say) goes with the thread, so its log lines
+        # land in that run's logs.
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(
+            target=context.run, args=(self._renew_loop,), name="inmap-lease", daemon=True
+        )
         self._thread.start()
 
     def check(self) -> None:
@@ -119,7 +125,7 @@ def acquire(
             record = LeaseRecord(run_id, socket.gethostname(), os.getpid(), now, now + ttl)
             url = _url(directory, newest + 1)
             attempted = record
-            if storage.create_exclusive(_encode(record), url, storage_options):
+            if _create(record, url, output, storage_options):
                 for old in generations:  # expired or released: clear them away
                     if old <= newest:
                         storage.delete(_url(directory, old), storage_options)
@@ -133,9 +139,34 @@ def acquire(
                 "later, or raise --lease-wait; a killed run's lease expires on its own"
             )
         if not announced:
-            logger.warning("output %s is in use by %s; waiting", output, holder.describe())
+            gone = ""
+            if holder.host == socket.gethostname() and holder.pid > 0 and not _running(holder.pid):
+                gone = " (that process has ended: a killed run, whose lease lapses at its expiry)"
+            logger.warning("output %s is in use by %s%s; waiting", output, holder.describe(), gone)
             announced = True
         time.sleep(min(POLL_SECONDS, max(deadline - time.monotonic(), 0.05)))
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+def _create(record: LeaseRecord, url: str, output: str, storage_options: dict | None) -> bool:
+    try:
+        return storage.create_exclusive(_encode(record), url, storage_options)
+    except StorageError as error:
+        if "NoSuchBucket" in str(error) or "bucket does not exist" in str(error).lower():
+            bucket = output.split("://", 1)[-1].split("/", 1)[0]
+            raise OutputPathError(
+                f"output {output}: bucket {bucket!r} does not exist; create it, or fix --output"
+            ) from None
+        raise
 
 
 def _live_holder(
@@ -186,6 +217,6 @@ def verify(url: str | None, storage_options: dict | None = None) -> None:
     newest = max(_generations(directory, storage_options), default=None)
     if newest != _generation_of(url):
         raise OutputBusyError(
-            f"this run's lease {url} was taken over by a later run while it stalled; it commits "
-            "nothing (the later run labels these images)"
+            f"this run's lease {url} was taken over by another run while this one stalled, so it "
+            "stops without committing; run it again to label its images (what it embedded is kept)"
         )

@@ -45,7 +45,8 @@ def runs_text(output: str, storage_options: dict | None = None, *, limit: int = 
             ]
         )
         if run["proxy_reason"]:
-            rows.append(["", "", f"  proxy: {run['proxy_reason'][:200]}"] + [""] * 8)
+            why = "learned, as" if run["proxy_learned"] else "reused, as"
+            rows.append(["", "", f"  proxy {why} {run['proxy_reason'][:200]}"] + [""] * 8)
         if run["error"]:
             rows.append(["", "", f"  error: {run['error'][:200]}"] + [""] * 8)
     head = ["started (UTC)", "status", "source", "listed", "embedded", "cached", "failed",
@@ -126,10 +127,11 @@ def _format(head: list[str], rows: list[list[str]]) -> str:
     """A plain text table (rich's, when it is installed as Prefect's dependency)."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(*head, box=None, show_edge=False, pad_edge=False)
-    for row in rows:
-        table.add_row(*row)
+    for row in rows:  # Text: a key such as `dir [x]/a.jpg` is shown as it is, never as markup
+        table.add_row(*(Text(str(cell)) for cell in row))
     console = Console(file=io.StringIO(), width=200, color_system=None)
     console.print(table)
     return console.file.getvalue().rstrip()

@@ -39,7 +39,7 @@ DEFAULT_READ_WORKERS = 32
 DEFAULT_RETRY_SECONDS = 120.0
 TEMPORARY_SUFFIX = ".inmap-tmp"
 
-_CREDENTIALS_ADVICE = (
+CREDENTIALS_ADVICE = (
     "check the credentials: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE, use an "
     "instance or IRSA role, or name a Prefect AwsCredentials block (--credentials-block); for "
     "S3-compatible stores also set the endpoint (storage_options={'endpoint_url': ...} or "
@@ -434,7 +434,7 @@ def _storage_errors(url: str, action: str) -> Iterator[None]:
         ) from error
     except PermissionError as error:
         if not is_local(url):
-            advice = _CREDENTIALS_ADVICE
+            advice = CREDENTIALS_ADVICE
         elif action in ("read", "check", "list"):
             advice = "check that this user may read it"
         else:
@@ -445,7 +445,7 @@ def _storage_errors(url: str, action: str) -> Iterator[None]:
     except Exception as error:  # botocore, aiohttp, OS errors: say which URL, keep the cause
         message = f"cannot {action} {url}: {type(error).__name__}: {error}"
         if "credential" in str(error).lower() or type(error).__name__ == "NoCredentialsError":
-            raise StorageError(f"{message}; {_CREDENTIALS_ADVICE}") from error
+            raise StorageError(f"{message}; {CREDENTIALS_ADVICE}") from error
         if isinstance(error, OSError) and error.errno == errno.ELOOP:
             raise StorageError(f"cannot {action} {url}: symbolic link loop") from error
         if is_transient(error):

@@ -355,9 +355,21 @@ def _retryable(error: Exception) -> bool:
     )  # fmt: skip
 
 
+_AUTH_MARKERS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403",
+                 "ExpiredToken", "169.254.169.254", "credential")  # fmt: skip
+
+
 def _storage_error(url: str, action: str, error: Exception) -> StorageError:
-    text = " ".join(str(error).split())[:500]
-    return StorageError(f"cannot {action} the Delta table {url}: {type(error).__name__}: {text}")
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # delta-rs colours its error chains
+    text = " ".join(text.split())[:500]
+    advice = ""
+    if any(marker in text for marker in _AUTH_MARKERS):
+        advice = f"; {storage.CREDENTIALS_ADVICE}"
+    elif "NoSuchBucket" in text:
+        advice = "; the bucket does not exist"
+    return StorageError(
+        f"cannot {action} the Delta table {url}: {type(error).__name__}: {text}{advice}"
+    )
 
 
 def check_table_path(url: str) -> None:

@@ -105,12 +105,14 @@ def plan_embedding(manifest: pa.Table, job: Job) -> embedding.EmbeddingPlan:
 
 @stage("embed-shard", task_run_name="embed-{plan.shard_id}")
 def embed_shard(plan: embedding.ShardPlan, job: Job) -> embedding.ShardResult:
+    lease.verify(job.lease, job.options)  # a run taken over stops here, wherever its tasks run
     with stage_progress("embed", plan.shard_id, f"embedding shard {plan.shard_id}") as on_progress:
         return embedding.embed_shard(plan, job, on_progress)
 
 
 @stage("index-embeddings")
 def index_embeddings(job: Job) -> pa.Table:
+    lease.verify(job.lease, job.options)
     tables.compact_if_fragmented(embedding.index_uri(job), job.options)
     return embedding.embedding_index(job)
 
@@ -152,6 +154,7 @@ def commit_predictions(parts: list[pa.Table], job: Job) -> int:
 
 @stage("record-run")
 def record_run(summary: report.RunSummary, job: Job) -> None:
+    lease.verify(job.lease, job.options)  # a run taken over is not recorded as completed
     report.record_run(summary, job)
 
 

@@ -106,6 +106,18 @@ def test_a_missing_source_or_an_output_that_is_a_file_is_one_line_before_anythin
     assert completed.stderr.strip() == expected  # no server started, no traceback
 
 
+def test_looking_at_a_path_where_no_run_wrote_is_a_one_line_mistake(tmp_path, capsys):
+    for command in ("runs", "labels", "errors"):
+        assert main([command, str(tmp_path / "typo")]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"inmap: error: no inmap output at {tmp_path / 'typo'}: no run has recorded anything "
+            "there; check the path (it is what `inmap label --output` was given)"
+        )
+    with pytest.raises(SystemExit) as exit:
+        main(["maintain", str(tmp_path), "--retention-hours", "-5"])
+    assert exit.value.code == 2 and "number of hours >= 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
@@ -132,7 +144,7 @@ def test_secrets_in_storage_options_are_refused_naming_the_safe_ways(tmp_path, o
 @pytest.mark.slow
 @pytest.mark.usefixtures("prefect_harness")
 def test_live_display_in_a_terminal_shows_every_stage_and_log_lines_as_written(
-    image_folder, tmp_path
+    image_folder, tmp_path, capsys
 ):
     """In a real pseudo-terminal: a bar per stage that ends complete, and Prefect's log lines
     printed above the bars as Prefect writes them (a source named `[a]` is not taken as markup)."""
@@ -171,6 +183,11 @@ def test_live_display_in_a_terminal_shows_every_stage_and_log_lines_as_written(
         assert re.search(rf"{stage}\s+━+ {done}", screen), f"no complete {stage} bar"
     assert f"Flow run '{source}'" in screen  # Prefect's own line, as Prefect writes it
     assert "12 predicted, 12 embedded" in screen
+    # The result tables show the names as they are too.
+    for command in ("labels", "errors", "runs"):
+        assert main([command, str(tmp_path / "out")]) == 0
+    shown = capsys.readouterr().out
+    assert f"{source}/a/" in shown and f"{source}/notes.jpg" in shown and f"{source}  " in shown
 
 
 @pytest.mark.slow

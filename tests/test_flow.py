@@ -183,3 +183,34 @@ def test_relearn_policies(image_folder, tmp_path, sample_images):
     assert always.proxy_learned and always.proxy_id != first.proxy_id
     rows = read_delta(output / "predictions").sort("predicted_at")
     assert rows["proxy_id"].to_list()[-2:] == [first.proxy_id, always.proxy_id]
+
+
+def test_a_run_whose_lease_is_taken_over_stops_and_is_not_recorded_completed(
+    image_folder, tmp_path, monkeypatch
+):
+    """It stalls past its expiry (simulated: another run's newer lease appears while its shard
+    embeds), then must stop at its next stage and not say "completed" — even when it has nothing
+    to commit (here the only new file is not an image)."""
+    import json
+    import time
+
+    from inmap import embedding
+    from inmap.errors import OutputBusyError
+
+    output = tmp_path / "out"
+    embed = embedding.embed_shard
+
+    def stalled_then_taken_over(plan, job, on_progress=None):
+        later = output / "_lease" / "000000000099.json"
+        if not later.exists():
+            record = {"run_id": "later", "host": "h", "pid": 1, "started": time.time(),
+                      "expires": time.time() + 600}  # fmt: skip
+            later.write_text(json.dumps(record))
+        return embed(plan, job, on_progress)
+
+    run(image_folder, output, shard_size=20)
+    (image_folder / "new.jpg").write_text("not an image either")
+    monkeypatch.setattr(embedding, "embed_shard", stalled_then_taken_over)
+    with pytest.raises(OutputBusyError, match="taken over by another run"):
+        run(image_folder, output, shard_size=20)
+    assert read_delta(output / "runs")["status"].to_list().count("completed") == 1  # the first

@@ -57,7 +57,7 @@ def test_an_expired_lease_is_taken_over_and_its_holder_cannot_commit(output):
     taker = lease.acquire(url, "run-new", options, wait=0)
     try:
         lease.verify(taker.url, options)  # the new holder may commit
-        with pytest.raises(OutputBusyError, match="taken over by a later run"):
+        with pytest.raises(OutputBusyError, match="taken over by another run"):
             lease.verify(stale.url, options)  # the stalled one may not
     finally:
         taker.release()
@@ -131,3 +131,12 @@ def test_a_create_whose_answer_was_lost_is_our_lease_not_a_stranger(output, monk
     assert held.url == calls[0] and held.record.run_id == "run-a"
     held.release()
     lease.acquire(url, "run-b", options, wait=0).release()  # released for real
+
+
+def test_an_output_bucket_that_does_not_exist_is_a_one_line_input_error(
+    moto_endpoint, s3_storage_options
+):
+    from inmap.errors import OutputPathError
+
+    with pytest.raises(OutputPathError, match="bucket 'no-such-bucket-3f1' does not exist"):
+        lease.acquire("s3://no-such-bucket-3f1/out", "run-a", s3_storage_options, wait=0)
