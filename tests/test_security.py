@@ -666,14 +666,18 @@ def test_no_pickle_under_prefect_home_or_the_output_after_good_and_failing_runs(
         processes, "missing source", prefect_server, str(tmp_path / "gone"), *common
     )
     assert missing.returncode == 2 and "does not exist" in missing.stderr, missing.stderr
-    # A failure inside a task (duplicate classes), past the command line's own checks.
-    script = (
-        "import sys\nfrom flows.inmap_flow import inmap_flow\n"
-        f"inmap_flow(source={str(image_folder)!r}, classes=['cat', 'dog', 'cat'], "
-        f"output={str(output)!r}, model='inmap-tiny', pretrained=None, device='cpu')"
-    )
-    duplicate = processes.run("duplicate classes", [sys.executable, "-c", script], prefect_server)
-    assert duplicate.returncode != 0 and "ClassesError" in duplicate.stderr
+    # Failures inside tasks, past the command line's own checks (which refuse both at once).
+    for what, source, classes_list, error in [
+        ("duplicate classes", image_folder, ["cat", "dog", "cat"], "ClassesError"),
+        ("missing source", tmp_path / "gone", ["cat", "dog"], "SourceNotFoundError"),
+    ]:
+        script = (
+            "import sys\nfrom flows.inmap_flow import inmap_flow\n"
+            f"inmap_flow(source={str(source)!r}, classes={classes_list!r}, "
+            f"output={str(output)!r}, model='inmap-tiny', pretrained=None, device='cpu')"
+        )
+        failed = processes.run(what, [sys.executable, "-c", script], prefect_server)
+        assert failed.returncode != 0 and error in failed.stderr, failed.stderr[-2000:]
     states = [r["state"]["type"] for r in api(prefect_server, "POST", "/flow_runs/filter", {})]
     assert states.count("COMPLETED") >= 2 and states.count("FAILED") >= 2, states
 
