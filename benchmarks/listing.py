@@ -92,13 +92,18 @@ class MotoChild:
         self.command("latency", seconds=seconds)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.stdin.close()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_child(self.process)
+
+
+def stop_child(process: subprocess.Popen) -> None:
+    """End a child that serves lines on its stdin: close it, then kill it if it lingers."""
+    if process.poll() is None:
+        process.stdin.close()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def object_key(root: str, number: int, prefixes: int = PREFIXES) -> str:

@@ -72,12 +72,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
-from listing import (  # benchmarks run as scripts: this folder is on sys.path
+from embed import SAMPLE_IMAGES  # benchmarks run as scripts: this folder is on sys.path
+from listing import (
     MotoChild,
     find_listing,
     object_key,
     proc_status,
     reset_peak,
+    stop_child,
 )
 
 if TYPE_CHECKING:
@@ -85,17 +87,6 @@ if TYPE_CHECKING:
 
 HERE = Path(__file__).resolve()
 REPO_ROOT = HERE.parents[1]
-SAMPLE_IMAGES = next(
-    (
-        folder
-        for folder in (
-            REPO_ROOT.parent / "shared" / "data" / "imagenet-sample",
-            REPO_ROOT / "shared" / "data" / "imagenet-sample",
-        )
-        if folder.is_dir()
-    ),
-    REPO_ROOT.parent / "shared" / "data" / "imagenet-sample",
-)
 MIB = 2**20
 CLASSES = tuple(f"object {number:03d}" for number in range(100))
 SHARD_SIZE = 2000
@@ -133,13 +124,7 @@ class CountingProxy:
         return json.loads(self.process.stdout.readline())
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.stdin.close()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_child(self.process)
 
 
 def _serve_proxy(upstream: str) -> None:
