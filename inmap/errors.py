@@ -49,6 +49,10 @@ class TransientStorageError(StorageError):
     """A storage failure that may pass: 5xx, throttling, a reset connection, a timeout."""
 
 
+class MissingBucketError(StorageError):
+    """The bucket of a URL does not exist."""
+
+
 class UnreadableImagesError(InmapError):
     """Images that still could not be read after retrying; their partition commits nothing."""
 

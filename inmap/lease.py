@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
 from inmap import storage
-from inmap.errors import OutputBusyError, OutputPathError, StorageError
+from inmap.errors import MissingBucketError, OutputBusyError, OutputPathError, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -160,13 +160,11 @@ def _running(pid: int) -> bool:
 def _create(record: LeaseRecord, url: str, output: str, storage_options: dict | None) -> bool:
     try:
         return storage.create_exclusive(_encode(record), url, storage_options)
-    except StorageError as error:
-        if "NoSuchBucket" in str(error) or "bucket does not exist" in str(error).lower():
-            bucket = output.split("://", 1)[-1].split("/", 1)[0]
-            raise OutputPathError(
-                f"output {output}: bucket {bucket!r} does not exist; create it, or fix --output"
-            ) from None
-        raise
+    except MissingBucketError:
+        bucket = output.split("://", 1)[-1].split("/", 1)[0]
+        raise OutputPathError(
+            f"output {output}: bucket {bucket!r} does not exist; create it, or fix --output"
+        ) from None
 
 
 def _live_holder(

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from inmap import storage
-from inmap.errors import SourceNotFoundError, StorageError
+from inmap.errors import MissingBucketError, SourceNotFoundError, StorageError
 from inmap.schemas import LISTING_PROBLEMS_SCHEMA, MANIFEST_SCHEMA
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
@@ -215,15 +215,14 @@ async def _list_s3_async(fs, bucket, prefix, uri_prefix, start_key, source):
                     await lister.list(sub)
 
             await asyncio.gather(*(one(sub) for sub in sub_prefixes))
-    except FileNotFoundError as error:  # s3fs's translation of NoSuchBucket
-        raise SourceNotFoundError(f"source {source}: bucket {bucket!r} does not exist") from error
-    except Exception as error:
-        if "NoSuchBucket" in str(error):
+    except Exception:
+        try:
+            with storage._storage_errors(source, "list"):
+                raise
+        except MissingBucketError as missing:
             raise SourceNotFoundError(
                 f"source {source}: bucket {bucket!r} does not exist"
-            ) from error
-        with storage._storage_errors(source, "list"):
-            raise
+            ) from missing
     if not lister.batches and prefix:  # maybe the source is one object, not a prefix
         key = prefix.rstrip("/")
         if is_image_name(key):

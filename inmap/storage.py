@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from inmap.errors import StorageError, TransientStorageError
+from inmap.errors import MissingBucketError, StorageError, TransientStorageError
 
 __all__ = ["StorageError", "TransientStorageError"]
 
@@ -418,6 +418,11 @@ def is_transient(error: BaseException) -> bool:
     )  # fmt: skip
 
 
+def _no_bucket(error: BaseException) -> bool:
+    text = str(error)
+    return "NoSuchBucket" in text or "bucket does not exist" in text.lower()
+
+
 @contextmanager
 def _storage_errors(url: str, action: str) -> Iterator[None]:
     """Turn filesystem and botocore errors into a StorageError that names `url` and the fix;
@@ -427,6 +432,8 @@ def _storage_errors(url: str, action: str) -> Iterator[None]:
     except StorageError:
         raise
     except FileNotFoundError as error:
+        if _no_bucket(error):
+            raise MissingBucketError(f"cannot {action} {url}: the bucket does not exist") from error
         if action in ("read", "check"):
             raise StorageError(f"cannot {action} {url}: not found ({error})") from error
         raise StorageError(
@@ -443,6 +450,8 @@ def _storage_errors(url: str, action: str) -> Iterator[None]:
             f"cannot {action} {url}: permission denied ({error}); {advice}"
         ) from error
     except Exception as error:  # botocore, aiohttp, OS errors: say which URL, keep the cause
+        if _no_bucket(error):
+            raise MissingBucketError(f"cannot {action} {url}: the bucket does not exist") from error
         message = f"cannot {action} {url}: {type(error).__name__}: {error}"
         if "credential" in str(error).lower() or type(error).__name__ == "NoCredentialsError":
             raise StorageError(f"{message}; {CREDENTIALS_ADVICE}") from error
