@@ -419,6 +419,7 @@ class Archive:
 def make_job(source: str, output: str, options: dict | None, run_id: str):
     from inmap.job import Job
     from inmap.model import resolve_model
+    from inmap.options import RunOptions
 
     return Job(
         source=source,
@@ -426,7 +427,7 @@ def make_job(source: str, output: str, options: dict | None, run_id: str):
         model=resolve_model("inmap-tiny", None, "cpu"),
         classes=CLASSES,
         run_id=run_id,
-        storage_options=options or {},
+        settings=RunOptions(storage_options=options),
     )
 
 
@@ -468,7 +469,7 @@ def prediction_table(manifest, job, proxy_id: str, rng):
 
     from inmap.schemas import PREDICTIONS_SCHEMA
 
-    n, k = manifest.num_rows, job.top_k
+    n, k = manifest.num_rows, job.settings.top_k
     classes = np.asarray(job.classes, dtype=object)
     top = rng.integers(0, len(classes), (n, k)).astype(np.int32)
     scores = np.sort(rng.random((n, k), dtype=np.float32), axis=1)[:, ::-1]
@@ -501,8 +502,8 @@ def prediction_table(manifest, job, proxy_id: str, rng):
 def write_proxy(job, images: int, scratch: Path):
     """A vision proxy saved by `learn_proxy`, learned on 2000 random vectors of the model's
     width; its stats then record what a run over an archive of `images` images records: the
-    images it was fitted on, at most `job.max_train_images` (a uniform sample beyond), and the
-    archive's size then."""
+    images it was fitted on, at most `job.settings.max_train_images` (a uniform sample beyond),
+    and the archive's size then."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -521,7 +522,7 @@ def write_proxy(job, images: int, scratch: Path):
     artifact = learning.learn_proxy(rows, learning.build_text_proxy(job), job)
     table = storage.read_parquet(artifact.uri, storage_options=job.options)
     meta = json_metadata(table.schema)
-    fitted = min(images, job.max_train_images or images)
+    fitted = min(images, job.settings.max_train_images or images)
     meta["stats"] = {**meta["stats"], "n_images": fitted, "archive_images": images}
     storage.write_parquet_atomic(
         table.cast(with_json_metadata(table.schema.with_metadata({}), **meta)),

@@ -8,21 +8,16 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from flows.inmap_flow import StorageOptions
-from inmap.maintenance import DEFAULT_RETENTION_HOURS
+from inmap.options import MaintainRequest, takes_options
 from tasks import stages
 
 
 @flow(name="inmap", flow_run_name="maintain {output}", persist_result=False,
       result_serializer="json")  # fmt: skip
-def maintain_flow(
-    output: str,
-    storage_options: StorageOptions = None,
-    credentials_block: str | None = None,
-    retention_hours: float = DEFAULT_RETENTION_HOURS,
-) -> list[str]:
+@takes_options(MaintainRequest)
+def maintain_flow(**parameters) -> list[str]:
     """Compact, checkpoint and vacuum the tables under `output`."""
-    report = stages.maintain(output, storage_options, credentials_block, retention_hours)
+    report = stages.maintain(MaintainRequest.parse(parameters))
     for line in report:
         get_run_logger().info(line)
     return report

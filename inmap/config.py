@@ -11,6 +11,8 @@ DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "openai"
 
 PRECISIONS = ("float32", "tf32", "bf16")
+# The pseudo-label refinements a run can choose (inmap.proxy.PSEUDO_LABELERS implements them).
+REFINEMENTS = ("adaptive", "sinkhorn", "none")
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ from inmap.job import Job
 
 def attach(job: Job) -> Job:
     """`job` with the secrets of its credentials block, if it names one."""
-    if not job.credentials_block or job.credentials is not None:
+    if not job.settings.credentials_block or job.credentials is not None:
         return job
-    return job.with_credentials(block_options(job.credentials_block))
+    return job.with_credentials(block_options(job.settings.credentials_block))
 
 
 def block_options(name: str | None) -> dict | None:

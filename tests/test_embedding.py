@@ -14,6 +14,7 @@ from inmap import embedding, failures, layout, storage
 from inmap.encoder import RandomWeightsWarning
 from inmap.job import Job
 from inmap.model import TINY_MODEL, resolve_model
+from inmap.options import RunOptions
 from inmap.schemas import MANIFEST_SCHEMA
 
 SPEC = resolve_model(TINY_MODEL, None, "cpu")
@@ -27,9 +28,11 @@ def manifest(*pairs: tuple[str, str]) -> pa.Table:
 
 
 def job_for(source, output, **overrides) -> Job:
-    settings = {"source": str(source), "output": str(output), "model": SPEC,
-                "classes": ("fish", "bird"), "run_id": "run-1", **overrides}  # fmt: skip
-    return Job(**settings)
+    options = {k: overrides.pop(k) for k in list(overrides) if k in RunOptions.model_fields
+               and k != "model"}  # fmt: skip
+    fields = {"source": str(source), "output": str(output), "model": SPEC,
+              "classes": ("fish", "bird"), "run_id": "run-1", **overrides}  # fmt: skip
+    return Job(**fields, settings=RunOptions(**options))
 
 
 @pytest.fixture(autouse=True)
@@ -192,7 +195,7 @@ def test_a_relative_source_learns_over_its_images_when_only_new_keys_are_listed(
 
     job, listing, _ = embedded_output
     monkeypatch.chdir(image_folder.parent)
-    relative = replace(job, source=image_folder.name, listing="after-last")
+    relative = replace(job.with_settings(listing="after-last"), source=image_folder.name)
     rows, archive = learning.training_rows(embedding.embedding_index(relative), relative)
     assert archive == rows.num_rows == 12
 

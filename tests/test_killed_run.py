@@ -91,7 +91,7 @@ def test_next_run_starts_soon_after_a_killed_one(server_env, sample_images, tmp_
         "model": "inmap-tiny",
         "pretrained": None,
         "device": "cpu",
-        "hyperparameters": SLOW_LEARNING,
+        **SLOW_LEARNING,
     }
 
     serve_log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed in finally
@@ -136,7 +136,7 @@ def test_next_run_starts_soon_after_a_killed_one(server_env, sample_images, tmp_
         wait_for(lambda: gone(holder["pid"]), 30, f"the run's process {holder['pid']} to die")
 
         serve = start_serve(server_env, serve_log)
-        following = trigger({**params, "hyperparameters": QUICK_LEARNING})
+        following = trigger({**params, **QUICK_LEARNING})
         wait_for(
             lambda: state_of(api, following)[0] == "RUNNING",
             RUNNING_WITHIN - (time.monotonic() - killed_at),
