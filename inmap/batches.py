@@ -34,6 +34,7 @@ from inmap.decode import (
     decode_pixels,
 )
 from inmap.encoder import Encoder
+from inmap.errors import MissingBucketError, NotFound
 from inmap.schemas import EMBEDDING_VALUE_TYPE, embedding_schema, with_json_metadata
 
 # Called after each batch with (images done, images in all).
@@ -234,8 +235,7 @@ def _resolve(entry: Future | Failure) -> Decoded | Failure:
 def _read_failure(uri: str, error: Exception) -> Failure:
     message = str(error) or type(error).__name__
     reason = message if uri in message else f"{uri}: {message}"
-    cause = error.__cause__ or error
-    if isinstance(cause, FileNotFoundError) or "not found" in message:
+    if isinstance(error, NotFound) and not isinstance(error, MissingBucketError):
         return Failure("missing", reason)
     return Failure("read", reason)
 

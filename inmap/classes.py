@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 
 from inmap import storage
-from inmap.errors import ClassesError, StorageError
+from inmap.errors import ClassesError, NotFound
 
 
 def read_classes(classes: Sequence[str] | str, storage_options: dict | None = None) -> list[str]:
@@ -19,10 +19,8 @@ def read_classes(classes: Sequence[str] | str, storage_options: dict | None = No
     source = classes
     try:
         data = storage.read_bytes(classes, storage_options)
-    except StorageError as error:
-        if "not found" in str(error):
-            raise ClassesError(f"classes file {classes} does not exist") from None
-        raise
+    except NotFound:
+        raise ClassesError(f"classes file {classes} does not exist") from None
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:

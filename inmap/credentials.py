@@ -2,10 +2,13 @@
 (its database, API, UI and `--watch` output).
 
 Storage options given to a run may hold where and how to connect (`endpoint_url`, a region,
-`anon`, a profile name), never a secret. Credentials come from the standard AWS sources, read by
-botocore and delta-rs themselves (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, instance
-and IRSA roles), or from a Prefect `AwsCredentials` block named by the run, loaded inside the tasks
-that touch storage (see tasks/credentials.py) and never passed back out.
+`anon`, a profile or account name), never a secret. Credentials come from the standard sources of
+each store, read by its client and by delta-rs (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY,
+AWS_PROFILE, instance and IRSA roles; GOOGLE_APPLICATION_CREDENTIALS or the instance's service
+account; AZURE_STORAGE_CONNECTION_STRING, AZURE_STORAGE_ACCOUNT_KEY or a service principal), or
+from a Prefect credentials block named by the run, loaded inside the tasks that touch storage (see
+tasks/credentials.py) and never passed back out. `merge_options` is the one place where options
+and those secrets meet.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ from inmap.errors import CredentialsRefusedError
 # and object_store (AWS_SECRET_ACCESS_KEY, ...), and other stores' passwords, tokens and keys.
 SECRET_NAMES = frozenset({"key", "secret", "token", "password", "passwd", "session_token"})
 SECRET_PARTS = ("secret", "password", "token", "access_key", "account_key", "credential",
-                "private_key", "sas")  # fmt: skip
+                "private_key", "sas", "connection_string")  # fmt: skip
 
 SAFE_WAYS = (
     "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment of the "
     "process that runs the flow, use an instance or IRSA role, or save a Prefect AwsCredentials "
-    "block and name it (--credentials-block NAME, or the flow parameter credentials_block)"
+    "block and name it (--credentials-block NAME, or the flow parameter credentials_block); for "
+    "GCS set GOOGLE_APPLICATION_CREDENTIALS, for Azure AZURE_STORAGE_CONNECTION_STRING or "
+    "AZURE_STORAGE_ACCOUNT_KEY"
 )
 
 
@@ -56,7 +61,7 @@ STORAGE_OPTIONS_SCHEMA: dict = {
     ],
     "default": None,
     "title": "storage_options",
-    "description": "Non-secret fsspec/s3fs options (endpoint_url, region_name, anon); "
+    "description": "Non-secret fsspec options (endpoint_url, region_name, anon, account_name); "
     "credentials come from the environment, a profile, a role or credentials_block.",
 }
 
@@ -84,6 +89,18 @@ def refuse_secrets(options: Mapping | None, where: str = "storage_options") -> d
             f"{SAFE_WAYS}"
         )
     return dict(options or {})
+
+
+def merge_options(*layers: Mapping | None) -> dict | None:
+    """The one merge of storage options and credentials: later layers win, and `client_kwargs`
+    (an endpoint, a region) merges key by key, so a block's region keeps a user's endpoint."""
+    merged: dict = {}
+    for layer in layers:
+        for name, value in (layer or {}).items():
+            if name == "client_kwargs" and isinstance(merged.get(name), Mapping):
+                value = {**merged[name], **(value or {})}
+            merged[name] = value
+    return merged or None
 
 
 def s3fs_options(

@@ -2,13 +2,16 @@
 
     OUT/
       embeddings/<model key>/<shard id>.parquet   embedding shards, content-addressed
+      embeddings/<model key>/_index/              Delta table of (uri, etag, shard id)
       text-proxies/<text proxy id>.parquet        text proxies, content-addressed
       proxies/<proxy id>.parquet                  vision proxy artifacts, content-addressed
       predictions/                                Delta table, partitioned by labelset
       errors/                                     Delta table of images that failed
       runs/                                       Delta table, one row per partition run
+      _lease/<generation>.json                    the run lease, one file per generation
 
-Names are hashes of what determines the content, so a name that exists is a cache hit.
+Names are hashes of what determines the content, so a name that exists is a cache hit. This module
+is the only one that builds or parses these paths.
 """
 
 from __future__ import annotations
@@ -18,9 +21,12 @@ import json
 import os
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from inmap import __version__, storage
-from inmap.model import ModelSpec
+
+if TYPE_CHECKING:  # model.py brings torch and open_clip; reading results needs neither
+    from inmap.model import ModelSpec
 
 
 def digest(parts: object) -> str:
@@ -28,12 +34,65 @@ def digest(parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+EMBEDDINGS = "embeddings"
+INDEX = "_index"
+LEASE = "_lease"
+SHARD_SUFFIX = ".parquet"
+LEASE_SUFFIX = ".json"
+
+
+def embeddings_root(output: str) -> str:
+    """The folder holding one folder per model."""
+    return storage.join(output, EMBEDDINGS)
+
+
 def embedding_dir(output: str, model: ModelSpec) -> str:
-    return storage.join(output, "embeddings", model.key)
+    return storage.join(embeddings_root(output), model.key)
 
 
 def shard_uri(output: str, model: ModelSpec, shard_id: str) -> str:
-    return storage.join(embedding_dir(output, model), f"{shard_id}.parquet")
+    return shard_uri_in(embedding_dir(output, model), shard_id)
+
+
+def shard_uri_in(directory: str, shard_id: str) -> str:
+    """The shard `shard_id` in a model's embedding folder."""
+    return storage.join(directory, f"{shard_id}{SHARD_SUFFIX}")
+
+
+def shard_id_of(url: str) -> str | None:
+    """The shard id named by a file in an embedding folder; None for any other file."""
+    name = storage.basename(url)
+    return name.removesuffix(SHARD_SUFFIX) if name.endswith(SHARD_SUFFIX) else None
+
+
+def index_uri(output: str, model: ModelSpec) -> str:
+    """The embedding index (a Delta table) of one model."""
+    return index_uri_in(embedding_dir(output, model))
+
+
+def index_uri_in(directory: str) -> str:
+    """The embedding index in a model's embedding folder."""
+    return storage.join(directory, INDEX)
+
+
+def lease_dir(output: str) -> str:
+    return storage.join(output, LEASE)
+
+
+def lease_uri(directory: str, generation: int) -> str:
+    """Generation `generation` of the lease whose folder is `directory` (`lease_dir`)."""
+    return storage.join(directory, f"{generation:012d}{LEASE_SUFFIX}")
+
+
+def lease_generation(url: str) -> int | None:
+    """The generation a lease file names; None for any other file."""
+    stem = storage.basename(url).removesuffix(LEASE_SUFFIX)
+    return int(stem) if url.endswith(LEASE_SUFFIX) and stem.isdigit() else None
+
+
+def lease_dir_of(url: str) -> str:
+    """The lease folder of the lease file `url`."""
+    return url.rstrip("/").rsplit("/", 1)[0]
 
 
 def shard_id(

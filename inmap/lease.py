@@ -1,8 +1,10 @@
 """A run lease per output: two runs never work on one output at once.
 
 The lease is a series of small JSON objects under ``OUT/_lease/``, one per generation
-(``000000000007.json``), each created with a conditional create (If-None-Match on S3, O_EXCL on a
-local disk), so of two runs taking generation n+1 exactly one succeeds. The newest generation is
+(``000000000007.json``), each created with a conditional create (O_EXCL on a local disk,
+If-None-Match on S3 and Azure, ifGenerationMatch=0 on GCS), so of two runs taking generation n+1
+exactly one succeeds. A store that cannot create exclusively is refused
+(`ExclusiveCreateUnsupported`), never leased by check-then-write. The newest generation is
 the lease: it names the run, host and pid, and an expiry that the holder pushes forward while it
 lives. A run finding a live lease waits, up to `wait` seconds, then fails naming the holder. A
 lease whose holder was killed expires and is taken over by creating the next generation; a holder
@@ -21,8 +23,14 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
-from inmap import storage
-from inmap.errors import MissingBucketError, OutputBusyError, OutputPathError, StorageError
+from inmap import layout, storage
+from inmap.errors import (
+    MissingBucketError,
+    NotFound,
+    OutputBusyError,
+    OutputPathError,
+    StorageError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +57,8 @@ class Lease:
 
     def __init__(self, url: str, record: LeaseRecord, ttl: float, storage_options: dict | None):
         self.url, self.record, self.ttl = url, record, ttl
+        # The holder whose lease expired unreleased when this one took over: a run that died.
+        self.previous: LeaseRecord | None = None
         self._options = storage_options
         self._stop = threading.Event()
         self._lost: str | None = None
@@ -86,7 +96,7 @@ class Lease:
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.ttl / 3):
             try:
-                directory = self.url.rsplit("/", 1)[0]
+                directory = layout.lease_dir_of(self.url)
                 newest = max(_generations(directory, self._options), default=None)
                 mine = _generation_of(self.url)
                 if newest is not None and newest > mine:
@@ -112,7 +122,7 @@ def acquire(
     wait: float = DEFAULT_WAIT,
 ) -> Lease:
     """Take the output's lease, waiting up to `wait` seconds for a live holder."""
-    directory = storage.join(output, "_lease")
+    directory = layout.lease_dir(output)
     deadline = time.monotonic() + wait
     announced = False
     attempted: LeaseRecord | None = None
@@ -126,10 +136,13 @@ def acquire(
             url = _url(directory, newest + 1)
             attempted = record
             if _create(record, url, output, storage_options):
+                previous = _expired_holder(directory, newest, storage_options) if newest else None
                 for old in generations:  # expired or released: clear them away
                     if old <= newest:
                         storage.delete(_url(directory, old), storage_options)
-                return Lease(url, record, ttl, storage_options)
+                lease = Lease(url, record, ttl, storage_options)
+                lease.previous = previous
+                return lease
             continue  # another run took that generation first: look again
         if holder == attempted:  # our create landed, but its answer was lost and the retry refused
             return Lease(_url(directory, newest), holder, ttl, storage_options)
@@ -174,10 +187,10 @@ def _live_holder(
     url = _url(directory, generation)
     try:
         record = LeaseRecord(**json.loads(storage.read_bytes(url, storage_options)))
-    except StorageError as error:
-        if "not found" in str(error):
-            return None  # taken over and cleared between listing and reading
+    except MissingBucketError:
         raise
+    except NotFound:
+        return None  # taken over and cleared between listing and reading
     except (ValueError, TypeError):
         # Being written right now (a local create is not atomic), or left torn by a crash: live
         # for one ttl after it was last written.
@@ -186,20 +199,29 @@ def _live_holder(
     return record if record.expires > time.time() else None
 
 
+def _expired_holder(
+    directory: str, generation: int, storage_options: dict | None
+) -> LeaseRecord | None:
+    """The record of `generation` if its holder let it expire without releasing it."""
+    try:
+        record = LeaseRecord(**json.loads(storage.read_bytes(_url(directory, generation),
+                                                             storage_options)))  # fmt: skip
+    except (StorageError, ValueError, TypeError):
+        return None
+    return record if 0 < record.expires <= time.time() else None
+
+
 def _generations(directory: str, storage_options: dict | None) -> list[int]:
-    return [
-        _generation_of(url)
-        for url in storage.list_files(directory, storage_options)
-        if url.endswith(".json") and storage.basename(url)[:-5].isdigit()
-    ]
+    found = (layout.lease_generation(url) for url in storage.list_files(directory, storage_options))
+    return [generation for generation in found if generation is not None]
 
 
 def _generation_of(url: str) -> int:
-    return int(storage.basename(url)[:-5])
+    return layout.lease_generation(url)
 
 
 def _url(directory: str, generation: int) -> str:
-    return storage.join(directory, f"{generation:012d}.json")
+    return layout.lease_uri(directory, generation)
 
 
 def _encode(record: LeaseRecord) -> bytes:
@@ -211,7 +233,7 @@ def verify(url: str | None, storage_options: dict | None = None) -> None:
     stalled past its expiry and was taken over must not commit."""
     if url is None:
         return
-    directory = url.rsplit("/", 1)[0]
+    directory = layout.lease_dir_of(url)
     newest = max(_generations(directory, storage_options), default=None)
     if newest != _generation_of(url):
         raise OutputBusyError(

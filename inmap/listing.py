@@ -3,7 +3,9 @@
 Holding a listing as one dict per object (what ``fs.find(detail=True)`` returns) costs about
 1.5 kB per object; here each page of at most a thousand keys becomes three Arrow arrays before the
 next is fetched, so memory stays close to the final manifest. On S3 the sub-prefixes of the
-source (one delimiter listing) are listed concurrently. Paths are never glob patterns.
+source (one delimiter listing) are listed concurrently; GCS, Azure and other fsspec stores are
+listed by one recursive find. Each store names its way (`inmap.stores.Store.lister`). Paths are
+never glob patterns.
 
 The result is a `Listing`: the `MANIFEST_SCHEMA` table of images sorted by uri, and the entries
 that look like images but cannot be one (broken or looping symbolic links), with a reason.
@@ -21,8 +23,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from inmap import storage
-from inmap.errors import MissingBucketError, SourceNotFoundError, StorageError
+from inmap.errors import MissingBucketError, NotFound, SourceNotFoundError, StorageError
 from inmap.schemas import LISTING_PROBLEMS_SCHEMA, MANIFEST_SCHEMA
+from inmap.stores import store_for
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
 BATCH_ROWS = 4096  # local entries gathered before they become Arrow arrays
@@ -52,10 +55,9 @@ def list_images(
     fs, path = storage.url_to_fs(source, storage_options)
     if storage.is_local(source):
         batches, problems = _list_local(source, path, start_after)
-    elif storage._is_s3(fs):
-        batches, problems = _list_s3(fs, source, path, start_after), []
     else:
-        batches, problems = _list_fsspec(fs, source, path, start_after), []
+        store = store_for(source)
+        batches, problems = LISTERS[store.lister](store, fs, source, path, start_after), []
     images = pa.Table.from_batches(batches, schema=MANIFEST_SCHEMA)
     images = images.take(pc.sort_indices(images, [("uri", "ascending")]))
     problem_table = pa.table(
@@ -101,6 +103,15 @@ def check_local_source(source: str) -> None:
         _, path = storage.url_to_fs(source)
         if not os.path.exists(path):
             raise SourceNotFoundError(f"source {source} does not exist")
+        if not os.path.isdir(path) and not is_image_name(path):
+            raise SourceNotFoundError(_not_an_image(source))
+
+
+def _not_an_image(source: str) -> str:
+    return (
+        f"source {source} is a file but not an image ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+        "give a folder or prefix of images, or one image"
+    )
 
 
 def _list_local(
@@ -117,7 +128,7 @@ def _list_local(
     prefix = root if not source.startswith("file://") else "file://" + root
     if not stat.S_ISDIR(top.st_mode):  # a single file
         if not is_image_name(root):
-            return [], []
+            raise SourceNotFoundError(_not_an_image(source))
         uri = prefix
         return [_batch([uri], [local_etag(top.st_size, top.st_mtime)], [top.st_size])], []
     batches: list[pa.RecordBatch] = []
@@ -187,7 +198,7 @@ def _link_problem(path: str, error: OSError) -> str:
 # --- S3 ------------------------------------------------------------------------------------------
 
 
-def _list_s3(fs, source: str, path: str, start_after: str | None) -> list[pa.RecordBatch]:
+def list_s3(store, fs, source: str, path: str, start_after: str | None) -> list[pa.RecordBatch]:
     from fsspec.asyn import sync
 
     bucket, _, key = path.partition("/")
@@ -217,7 +228,7 @@ async def _list_s3_async(fs, bucket, prefix, uri_prefix, start_key, source):
             await asyncio.gather(*(one(sub) for sub in sub_prefixes))
     except Exception:
         try:
-            with storage._storage_errors(source, "list"):
+            with storage.storage_errors(source, "list", fs, bucket):
                 raise
         except MissingBucketError as missing:
             raise SourceNotFoundError(
@@ -278,16 +289,23 @@ def _mtime_etag(item: dict) -> str:
     return local_etag(int(item.get("Size", 0)), stamp)
 
 
-# --- any other fsspec filesystem (memory:// in tests) --------------------------------------------
+# --- GCS, Azure and any other fsspec filesystem (memory:// in tests) -----------------------------
 
 
-def _list_fsspec(fs, source: str, path: str, start_after: str | None) -> list[pa.RecordBatch]:
-    with storage._storage_errors(source, "list"):
-        fs.invalidate_cache()
-        try:
+def list_found(store, fs, source: str, path: str, start_after: str | None) -> list[pa.RecordBatch]:
+    """One recursive find. A missing bucket is a mistake; an empty or missing prefix is empty."""
+    try:
+        with storage.storage_errors(source, "list", fs, path):
+            fs.invalidate_cache()
             entries = fs.find(path, withdirs=False, detail=True)
-        except FileNotFoundError:
-            entries = {}
+    except MissingBucketError as missing:
+        raise SourceNotFoundError(
+            f"source {source}: bucket {store.bucket(path)!r} does not exist"
+        ) from missing
+    except NotFound:
+        entries = {}
+    if not entries and not store.bucket_exists(fs, path):  # some stores list no bucket as empty
+        raise SourceNotFoundError(f"source {source}: bucket {store.bucket(path)!r} does not exist")
     root = path.rstrip("/")
     uris, etags, sizes = [], [], []
     for name, info in entries.items():
@@ -309,3 +327,6 @@ def _list_fsspec(fs, source: str, path: str, start_after: str | None) -> list[pa
         etags.append(etag)
         sizes.append(None if size is None else int(size))
     return [_batch(uris, etags, sizes)] if uris else []
+
+
+LISTERS = {"s3": list_s3, "find": list_found}  # by `inmap.stores.Store.lister`

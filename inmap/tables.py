@@ -7,14 +7,22 @@ table and merge again, so the second writer inserts only the rows the first did 
 tagged with an application transaction id (`app_id`) is skipped once that id is in the log, so a
 retried commit is a no-op.
 
-On S3, delta-rs commits with conditional PUTs (If-None-Match: AWS S3, MinIO, R2 and moto support
-it), with the same credentials as every other storage path (`delta_options`).
+delta-rs commits with conditional writes: If-None-Match on S3 (AWS S3, MinIO, R2 and moto support
+it) and Azure, a generation precondition on GCS. Each store (`inmap.stores`) gives delta-rs the
+options for the same location and identity as every other storage path (`delta_options`).
 
 What delta-rs 1.6 needs, found by trying (tests/test_tables.py pins it): every write is a table
 create plus a MERGE, since `write_deltalake` panics on local paths holding `[` or `]`; reads run
 with `use_threads=False`, since pyarrow's scanner threads otherwise abort the process at exit
 about one time in three ("terminate called without an active exception"); an AWS profile is
 resolved to keys here, since delta-rs ignores `AWS_PROFILE` unless forced.
+
+delta-rs reports store failures as an OSError whose kind is only in its text. So a failure that
+is not a commit conflict is diagnosed by asking the store the same question through fsspec
+(`_diagnosis`), whose errors the store translates into kinds: a missing bucket, refused credentials
+or an outage is named as such. Where the store answers well, delta-rs's I/O error (an OSError) is
+taken as transient, its other errors (a broken log, a schema mismatch) as permanent; only
+transient failures and commit conflicts are retried.
 """
 
 from __future__ import annotations
@@ -33,8 +41,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from inmap import storage
-from inmap.errors import OutputPathError, StorageError
+from inmap.errors import MissingBucketError, NotFound, OutputPathError, StorageError, Transient
 from inmap.pairs import first_per_key
+from inmap.stores import common_kind, store_for
 
 logger = logging.getLogger(__name__)
 
@@ -54,62 +63,14 @@ def table_uri(url: str) -> str:
     return f"{scheme}://{bucket}/{urllib.parse.quote(key, safe='/')}" if key else url
 
 
-def delta_options(storage_options: dict | None) -> dict[str, str]:
-    """fsspec/s3fs options as delta-rs (object_store) options, for the same bucket and identity.
-
-    Keys not given here come from the environment, as for s3fs; a profile (the `profile` option
-    or AWS_PROFILE) is resolved to its keys by botocore, as s3fs would."""
-    storage_options = dict(storage_options or {})
-    client_kwargs = dict(storage_options.get("client_kwargs") or {})
-    options: dict[str, str] = {}
-    endpoint = (
-        storage_options.get("endpoint_url")
-        or client_kwargs.get("endpoint_url")
-        or os.environ.get("AWS_ENDPOINT_URL_S3")
-        or os.environ.get("AWS_ENDPOINT_URL")
-    )
-    if endpoint:  # an empty AWS_ENDPOINT_URL makes delta-rs panic: set it only when there is one
-        options["AWS_ENDPOINT_URL"] = str(endpoint)
-        if str(endpoint).startswith("http://"):
-            options["AWS_ALLOW_HTTP"] = "true"
-    region = (
-        storage_options.get("region_name")
-        or client_kwargs.get("region_name")
-        or os.environ.get("AWS_REGION")
-        or os.environ.get("AWS_DEFAULT_REGION")
-        or "us-east-1"  # botocore's default too; without one, delta-rs asks the instance metadata
-    )
-    options["AWS_REGION"] = str(region)
-    for ours, theirs in (
-        ("key", "AWS_ACCESS_KEY_ID"),
-        ("secret", "AWS_SECRET_ACCESS_KEY"),
-        ("token", "AWS_SESSION_TOKEN"),
-    ):
-        if storage_options.get(ours):
-            options[theirs] = str(storage_options[ours])
-    if storage_options.get("anon"):
-        options["AWS_SKIP_SIGNATURE"] = "true"
-    profile = storage_options.get("profile") or os.environ.get("AWS_PROFILE")
-    if profile and "AWS_ACCESS_KEY_ID" not in options:
-        options.update(_profile_keys(str(profile)))
-    return options
-
-
-def _profile_keys(profile: str) -> dict[str, str]:
-    import botocore.session
-
-    credentials = botocore.session.Session(profile=profile).get_credentials()
-    if credentials is None:
-        return {}
-    frozen = credentials.get_frozen_credentials()
-    keys = {"AWS_ACCESS_KEY_ID": frozen.access_key, "AWS_SECRET_ACCESS_KEY": frozen.secret_key}
-    if frozen.token:
-        keys["AWS_SESSION_TOKEN"] = frozen.token
-    return keys
+def delta_options(storage_options: dict | None = None, url: str | None = None) -> dict | None:
+    """fsspec options as delta-rs (object_store) options for the store of `url` (S3 when no URL
+    is given): the same bucket and identity; None for a local path."""
+    return store_for(url or "s3://").delta_options(storage_options)
 
 
 def _options_for(url: str, storage_options: dict | None) -> dict[str, str] | None:
-    return None if storage.is_local(url) else delta_options(storage_options)
+    return delta_options(storage_options, url)
 
 
 def open_table(url: str, storage_options: dict | None = None):
@@ -125,7 +86,7 @@ def open_table(url: str, storage_options: dict | None = None):
     except TableNotFoundError:
         return None
     except Exception as error:
-        raise _storage_error(url, "open", error) from error
+        raise _storage_error(url, "open", error, storage_options) from error
 
 
 def read(
@@ -151,7 +112,7 @@ def read(
             columns=list(columns) if columns else None, filter=wanted, use_threads=False
         )
     except Exception as error:
-        raise _storage_error(url, "read", error) from error
+        raise _storage_error(url, "read", error, storage_options) from error
 
 
 def committed(url: str, app_id: str, storage_options: dict | None = None) -> bool:
@@ -228,6 +189,7 @@ def _merge(url: str, rows: pa.Table, how: _Merge, storage_options: dict | None) 
             predicate,
             source_alias="s",
             target_alias="t",
+            merge_schema=True,  # a column added in a later version (nullable) joins older tables
             writer_properties=WriterProperties(compression="ZSTD"),
             commit_properties=CommitProperties(
                 app_transactions=[Transaction(app_id, APP_VERSION)] if app_id else None,
@@ -239,7 +201,7 @@ def _merge(url: str, rows: pa.Table, how: _Merge, storage_options: dict | None) 
         metrics = merger.when_not_matched_insert_all().execute()
         return int(metrics.get("num_target_rows_inserted", 0))
 
-    return _retrying(url, "commit to", attempt)
+    return _retrying(url, "commit to", attempt, storage_options)
 
 
 def _create(url: str, schema: pa.Schema, partition_by, storage_options):
@@ -275,7 +237,7 @@ def delete_where(url: str, predicate: str, storage_options: dict | None = None) 
         if table is not None:
             table.delete(predicate)
 
-    _retrying(url, "delete from", attempt)
+    _retrying(url, "delete from", attempt, storage_options)
 
 
 def compact_if_fragmented(
@@ -290,7 +252,7 @@ def compact_if_fragmented(
     def attempt() -> None:
         open_table(url, storage_options).optimize.compact()
 
-    _retrying(url, "compact", attempt)
+    _retrying(url, "compact", attempt, storage_options)
     return True
 
 
@@ -317,21 +279,28 @@ def _sql_string(value: object) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
-def _retrying(url: str, action: str, attempt):
+def _retrying(url: str, action: str, attempt, storage_options: dict | None = None):
     """Run `attempt` until it commits: conflicts with another writer and transient failures are
-    retried with backoff; other errors are raised as StorageError naming the table."""
+    retried with backoff; other errors are raised as their StorageError kind, naming the table."""
+    from deltalake.exceptions import CommitFailedError
+
     delay = 0.2
     for number in range(1, COMMIT_ATTEMPTS + 1):
         try:
             return attempt()
-        except StorageError:
-            raise
         except Exception as error:
-            if number == COMMIT_ATTEMPTS or not _retryable(error):
-                raise _storage_error(url, action, error) from error
+            conflict = isinstance(error, CommitFailedError)
+            if isinstance(error, StorageError):
+                failure = error
+            else:
+                failure = None if conflict else _storage_error(url, action, error, storage_options)
+            if number == COMMIT_ATTEMPTS or not (conflict or isinstance(failure, Transient)):
+                if failure is error:
+                    raise
+                raise (failure or _storage_error(url, action, error, storage_options)) from error
             # A conflict is another writer's commit landing first (shards of one run commit to
             # the index at once): routine, so it stays out of the console.
-            level = logging.DEBUG if _is_conflict(error) else logging.INFO
+            level = logging.DEBUG if conflict else logging.INFO
             logger.log(level, "retrying %s %s after %s: %s", action, url, type(error).__name__,
                        error)  # fmt: skip
             time.sleep(delay * random.uniform(0.5, 1.0))
@@ -339,37 +308,38 @@ def _retrying(url: str, action: str, attempt):
     raise AssertionError("unreachable")
 
 
-def _is_conflict(error: Exception) -> bool:
-    text = str(error).lower()
-    return type(error).__name__ == "CommitFailedError" or "conflict" in text or "concurrent" in text
-
-
-def _retryable(error: Exception) -> bool:
-    if _is_conflict(error):
-        return True
-    text = str(error)
-    return storage.is_transient(error) or any(
-        marker in text
-        for marker in ("503", "500 ", "SlowDown", "connection", "Connection", "timed out",
-                       "reset by peer", "error sending request", "Generic S3 error")
-    )  # fmt: skip
-
-
-_AUTH_MARKERS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403",
-                 "ExpiredToken", "169.254.169.254", "credential")  # fmt: skip
-
-
-def _storage_error(url: str, action: str, error: Exception) -> StorageError:
+def _storage_error(
+    url: str, action: str, error: Exception, storage_options: dict | None = None
+) -> StorageError:
+    """A delta-rs failure as a StorageError of the kind the store itself reports (`_diagnosis`);
+    the store is well but delta-rs failed: a plain StorageError, with delta-rs's words."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # delta-rs colours its error chains
     text = " ".join(text.split())[:500]
-    advice = ""
-    if any(marker in text for marker in _AUTH_MARKERS):
-        advice = f"; {storage.CREDENTIALS_ADVICE}"
-    elif "NoSuchBucket" in text:
-        advice = "; the bucket does not exist"
-    return StorageError(
-        f"cannot {action} the Delta table {url}: {type(error).__name__}: {text}{advice}"
-    )
+    message = f"cannot {action} the Delta table {url}: {type(error).__name__}: {text}"
+    diagnosis = _diagnosis(url, storage_options)
+    if diagnosis is None:  # the store answers: delta-rs's own type says (an OSError is its I/O)
+        return common_kind(error)(message)
+    kind = type(diagnosis)
+    return kind(f"{message}; asked directly, the store says: {diagnosis}")
+
+
+def _diagnosis(url: str, storage_options: dict | None) -> StorageError | None:
+    """What the store says when asked for the table's folder through fsspec: None when it answers
+    (a folder that is not there yet is an answer), else its error, as a kind."""
+    try:
+        fs, path = storage.url_to_fs(url, storage_options)
+        with storage.storage_errors(url, "list", fs, path):
+            fs.invalidate_cache(path)
+            fs.ls(path, detail=False)
+    except MissingBucketError as error:
+        return error
+    except NotFound:
+        return None
+    except StorageError as error:
+        return error
+    except Exception:  # the store cannot even be opened: let delta-rs's words stand
+        return None
+    return None
 
 
 def check_table_path(url: str) -> None:
@@ -417,4 +387,4 @@ def compact(
         return {"files_before": before, "files_after": len(current.file_uris()),
                 "vacuumed": len(removed)}  # fmt: skip
 
-    return _retrying(url, "compact", attempt)
+    return _retrying(url, "compact", attempt, storage_options)
