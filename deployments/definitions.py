@@ -18,7 +18,7 @@ MAINTAIN_CRON = "17 3 * * *"  # daily, off the quarter hours label-bucket runs o
 @dataclass(frozen=True)
 class Definition:
     name: str
-    entrypoint: str  # file:flow, relative to the repository root
+    entrypoint: str  # module:flow of the installed package (no checkout needed on a worker)
     description: str
     tags: tuple[str, ...]
     cron: str | None = None
@@ -32,7 +32,7 @@ class Definition:
 
 LABEL_BUCKET = Definition(
     name="label-bucket",
-    entrypoint="flows/inmap_flow.py:inmap_flow",
+    entrypoint="flows.inmap_flow:inmap_flow",
     description="Label the images under a prefix that have no prediction yet.",
     tags=("inmap",),
     cron=LABEL_CRON,
@@ -42,14 +42,14 @@ LABEL_BUCKET = Definition(
 )
 BACKFILL = Definition(
     name="backfill",
-    entrypoint="flows/inmap_flow.py:inmap_flow",
+    entrypoint="flows.inmap_flow:inmap_flow",
     description="Label whole archives: `source` is a list of prefixes, each its own partition.",
     tags=("inmap", "backfill"),
     served_parameters=("classes", "output", "storage_options", "credentials_block"),
 )
 MAINTAIN = Definition(
     name="maintain",
-    entrypoint="flows/maintain_flow.py:maintain_flow",
+    entrypoint="flows.maintain_flow:maintain_flow",
     description="Compact and vacuum the output's Delta tables.",
     tags=("inmap", "maintain"),
     cron=MAINTAIN_CRON,

@@ -13,6 +13,7 @@ variables, AWS_PROFILE, roles) or from the Prefect block named by --credentials-
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -45,7 +46,8 @@ def build_deployments(
     parameters = dict(parameters or {})
     refuse_secrets(parameters.get("storage_options"))
     # Served runs load the flow afresh in their own process, which reads these variables.
-    os.environ["INMAP_TASK_RUNNER"] = task_runner
+    if task_runner != "thread":  # the default needs no variable (and must not veto an address)
+        os.environ["INMAP_TASK_RUNNER"] = task_runner
     if dask_address:
         os.environ["INMAP_DASK_ADDRESS"] = dask_address
     deployments = []
@@ -80,13 +82,8 @@ def build_deployments(
 
 
 def _flow_of(definition: Definition):
-    if definition.entrypoint.endswith(":maintain_flow"):
-        from flows.maintain_flow import maintain_flow
-
-        return maintain_flow
-    from flows.inmap_flow import inmap_flow
-
-    return inmap_flow
+    module, name = definition.entrypoint.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def main(argv: list[str] | None = None) -> None:

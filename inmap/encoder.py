@@ -10,9 +10,11 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import socket
+import threading
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import open_clip
@@ -26,6 +28,7 @@ from inmap.model import (
     OFFLINE_ADVICE,
     RANDOM_WEIGHTS_SEED,
     ModelSpec,
+    resolve_device,
     resolve_model,
 )
 
@@ -66,11 +69,6 @@ class Encoder:
         """Changes whenever the pixels fed to the model would change (for cache keys)."""
         return self.preprocessing.id
 
-    def encode_images(self, images: torch.Tensor) -> np.ndarray:
-        """(b, 3, s, s) normalised images -> (b, dim) float16 unit-norm embeddings."""
-        with torch.inference_mode():
-            return self._encode(images.to(self.device, non_blocking=True))
-
     def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
         """(b, s, s, 3) uint8 pixels -> (b, dim) float16 unit-norm embeddings.
 
@@ -94,6 +92,9 @@ class Encoder:
             "inmap_version": __version__,
             "open_clip_version": open_clip.__version__,
             "torch_version": torch.__version__,
+            # Where these embeddings were made: the device the embedding process resolved.
+            "host": socket.gethostname(),
+            "device": str(self.device),
         }
 
     def _encode(self, images: torch.Tensor) -> np.ndarray:
@@ -120,11 +121,44 @@ def load_encoder(
     and fp32 on CPU; "bf16" and "fp32" force one.
     """
     spec = model if isinstance(model, ModelSpec) else resolve_model(model, pretrained, device)
-    return _load_encoder(spec, precision)
+    return _load_once(spec, precision)
+
+
+def preprocessing_id(spec: ModelSpec) -> str:
+    """How images are fed to `spec`'s model (for shard ids), without its device: the process that
+    plans a run may have none of the workers' GPUs. Uses the encoder this process loaded, if any;
+    else loads the model on the CPU."""
+    for loaded in _loaded.values():
+        if replace(loaded.spec, device=spec.device) == spec:
+            return loaded.preprocessing_id
+    return _load_once(replace(spec, device="cpu"), "auto").preprocessing_id
+
+
+_loaded: dict[tuple[ModelSpec, str], Encoder] = {}  # what _load_encoder's cache holds
+# One load at a time in a process: the task threads of one run ask for the same model together,
+# and seeding random weights sets torch's global generator, so two loads at once would each get
+# different weights (and a model twice in memory).
+_loading = threading.Lock()
+
+
+def _load_once(spec: ModelSpec, precision: str) -> Encoder:
+    """The encoder of `spec` on the device this process resolves: "auto" (None) and CUDA are
+    decided here, where the model runs, never by the process that planned the job."""
+    resolved = replace(spec, device=resolve_device(spec.device))
+    with _loading:
+        return _load_encoder(resolved, precision)
 
 
 @functools.lru_cache(maxsize=4)
 def _load_encoder(spec: ModelSpec, precision: str) -> Encoder:
+    encoder = _build_encoder(spec, precision)
+    if len(_loaded) >= 4:
+        _loaded.clear()
+    _loaded[(spec, precision)] = encoder
+    return encoder
+
+
+def _build_encoder(spec: ModelSpec, precision: str) -> Encoder:
     create_kwargs: dict = {}
     pretrained = spec.pretrained
     if spec.name.startswith("hf-hub:"):

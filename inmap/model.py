@@ -14,11 +14,13 @@ open_clip ships its own configs.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
 import os
 import re
+import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +41,11 @@ MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 if TINY_MODEL not in open_clip.list_models():
     open_clip.add_model_config(MODEL_CONFIG_DIR)
 
+HUB_PROBE_SECONDS = 5.0
 OFFLINE_ADVICE = (
-    "If this machine is offline, either pass a local checkpoint (--pretrained "
+    "To try inmap without weights, run with --model inmap-tiny --pretrained none (random "
+    "weights: the pipeline runs, the labels mean nothing). If this machine is offline, either "
+    "pass a local checkpoint (--pretrained "
     "/path/to/open_clip_model.safetensors on the command line, pretrained='/path/...' in Python; "
     "for OpenAI's weights name the model with -quickgelu, e.g. --model ViT-B-32-quickgelu), "
     "or fill the Hugging Face cache on a connected machine and point HF_HOME at it, with "
@@ -56,7 +61,9 @@ class ModelSpec:
     name: str  # an open_clip model name
     pretrained: str | None  # None: random weights; an absolute checkpoint path; or a hub tag
     weights_id: str  # what the weights are, by content
-    device: str  # "cpu", "cuda", "cuda:1", ...
+    # "cpu", "cuda", "cuda:1", ...; None: "auto", decided by the process that loads the model
+    # (on a cluster, the worker that embeds or learns; see `resolve_model(device_here=False)`).
+    device: str | None
 
     @property
     def key(self) -> str:
@@ -67,21 +74,26 @@ class ModelSpec:
         digest = hashlib.sha256(f"{self.name}\0{self.weights_id}".encode()).hexdigest()
         return f"{readable}-{digest[:8]}"
 
-    @property
-    def random_weights(self) -> bool:
-        return self.pretrained is None
-
 
 def resolve_model(
-    name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETRAINED, device: str = "auto"
+    name: str = DEFAULT_MODEL,
+    pretrained: str | None = DEFAULT_PRETRAINED,
+    device: str | None = "auto",
+    *,
+    device_here: bool = True,
 ) -> ModelSpec:
     """Normalise a model name, its weights and a device; fetch hub weights if needed.
 
+    With `device_here` the device is resolved for this machine ("auto": CUDA when available). A
+    job that may run elsewhere (Dask workers) passes False: "auto" stays None and a CUDA device is
+    only checked for spelling: the process that loads the model decides (`inmap.encoder`).
+
     Raises `ModelNotFoundError` for unknown names or tags, `WeightsUnavailableError` when the
-    weights cannot be had, and `InputError` for a device this machine does not have."""
+    weights cannot be had, and `InputError` for a misspelt device, or one this machine does not
+    have (with `device_here`)."""
     name = normalise_name(name)
     pretrained = normalise_pretrained(pretrained)
-    resolved_device = resolve_device(device)
+    resolved_device = resolve_device(device) if device_here else check_device(device)
     if name.startswith(HF_HUB_PREFIX):  # the repo brings its own weights, fetched on loading
         return ModelSpec(name, name, f"{name}:open_clip-{open_clip.__version__}", resolved_device)
     if pretrained is None:
@@ -136,20 +148,30 @@ def normalise_pretrained(pretrained: str | os.PathLike | None) -> str | None:
 
 def resolve_device(device: str | None) -> str:
     """ "auto" (or None) is CUDA when available, else the CPU; anything else must exist here."""
-    if device is None or str(device) == "auto":
+    device = check_device(device)
+    if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        parsed = torch.device(str(device))
-    except RuntimeError as error:
-        raise InputError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from error
+    parsed = torch.device(device)
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
-            raise InputError(f"device {device!r} was asked for, but CUDA is not available here")
+            host = socket.gethostname()
+            raise InputError(f"device {device!r} was asked for; CUDA is not available on {host}")
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
             raise InputError(
-                f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s)"
+                f"device {device!r} does not exist on {socket.gethostname()}: "
+                f"{torch.cuda.device_count()} CUDA device(s)"
             )
-    return str(parsed)
+    return device
+
+
+def check_device(device: str | None) -> str | None:
+    """A device's spelling, checked without asking this machine: None for "auto"."""
+    if device is None or str(device) == "auto":
+        return None
+    try:
+        return str(torch.device(str(device)))
+    except RuntimeError as error:
+        raise InputError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from error
 
 
 # --- weights -------------------------------------------------------------------------------------
@@ -200,19 +222,58 @@ def _read_json(path: Path) -> dict:
 
 
 def download_weights(name: str, tag: str, tag_config: dict) -> str:
-    """Fetch (or find in the cache) the weights of `tag`; a clear error when that is impossible."""
+    """Fetch (or find in the cache) the weights of `tag`; a clear error when that is impossible.
+
+    When the hub's host cannot be reached at all, only the cache is tried, so an offline machine
+    hears so in seconds rather than after a minute of download retries."""
+    unreachable = _unreachable_hub()
     try:
-        return open_clip.download_pretrained(tag_config)
+        with _hub_offline(unreachable is not None):
+            return open_clip.download_pretrained(tag_config)
     except Exception as error:
         repo = tag_config.get("hf_hub", "").strip("/")
         fetch = f" (e.g. `hf download {repo}`)" if repo else ""
-        cause = " ".join(str(error).split())
+        cause = unreachable or " ".join(str(error).split())
         if len(cause) > 400:
             cause = cause[:400].rsplit(" ", 1)[0] + " ..."
         raise WeightsUnavailableError(
             f"could not download the pretrained weights {tag!r} of {name}: {cause}. "
             + OFFLINE_ADVICE.replace("connected machine", f"connected machine{fetch}")
         ) from error
+
+
+def _unreachable_hub() -> str | None:
+    """Why the Hugging Face hub cannot be reached from here, or None when it can (or when a proxy
+    stands between, which only the download itself can tell)."""
+    import socket
+    import urllib.parse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or any(
+        os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+    ):
+        return None
+    endpoint = urllib.parse.urlparse(constants.ENDPOINT)
+    host, port = endpoint.hostname, endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=HUB_PROBE_SECONDS).close()
+    except OSError as error:
+        return f"{host} cannot be reached from here ({error}) and the weights are not cached"
+    return None
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool):
+    """huggingface_hub's offline mode for one call: the cache, or an error at once."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = saved or offline
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
 
 
 def _unknown_weights_error(name: str, pretrained: str) -> Exception:

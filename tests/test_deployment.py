@@ -17,12 +17,12 @@ pytestmark = pytest.mark.slow
 
 
 def test_deployment_run_labels_the_bucket(
-    prefect_server, s3_bucket, s3_storage_options, s3_endpoint_options, sample_images, tmp_path
+    prefect_server, s3_bucket, s3_storage_options, s3_endpoint_options, real_images, tmp_path
 ):
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_storage_options)
-    for path in sample_images[:6]:
+    for path in real_images[:6]:
         fs.pipe(f"{s3_bucket}/incoming/{path.name}", path.read_bytes())
-    fs.pipe(f"{s3_bucket}/incoming/broken.jpg", sample_images[0].read_bytes()[:1000])
+    fs.pipe(f"{s3_bucket}/incoming/broken.jpg", real_images[0].read_bytes()[:1000])
     fs.pipe(f"{s3_bucket}/classes.txt", b"fish\nbird\nreptile\n")
 
     # The serving process has the credentials; the run's parameters never do.

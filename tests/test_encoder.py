@@ -17,7 +17,7 @@ from inmap.config import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from inmap.decode import normalize
 from inmap.encoder import RandomWeightsWarning, load_encoder
 from inmap.errors import ModelNotFoundError, WeightsUnavailableError
-from inmap.model import TINY_MODEL
+from inmap.model import TINY_MODEL, resolve_model
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +74,12 @@ def test_local_checkpoint_gives_the_same_embeddings(tiny, tmp_path, suffix, fres
         from safetensors.torch import save_file
 
         save_file(state, str(path))
-    images = torch.randn(3, 3, 64, 64)
+    pixels = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8)
 
     loaded = load_encoder(TINY_MODEL, str(path), device="cpu")
 
     assert loaded.pretrained == str(path)
-    np.testing.assert_array_equal(loaded.encode_images(images), tiny.encode_images(images))
+    np.testing.assert_array_equal(loaded.encode_pixels(pixels), tiny.encode_pixels(pixels))
 
 
 def test_checkpoint_for_another_architecture_is_a_clear_error(tiny, tmp_path, fresh_cache):
@@ -156,8 +156,8 @@ def test_default_openai_weights_load_with_quickgelu_and_no_mismatch_warning(
     assert (encoder.image_size, encoder.dim) == (224, 512)
 
 
-def test_encode_images_gives_unit_norm_float16(tiny):
-    embeddings = tiny.encode_images(torch.randn(5, 3, 64, 64))
+def test_encode_pixels_gives_unit_norm_float16(tiny):
+    embeddings = tiny.encode_pixels(torch.randint(0, 256, (5, 64, 64, 3), dtype=torch.uint8))
 
     assert embeddings.dtype == np.float16 and embeddings.shape == (5, 64)
     np.testing.assert_allclose(np.linalg.norm(embeddings.astype(np.float32), axis=1), 1, atol=2e-3)
@@ -172,12 +172,13 @@ def test_tokenizer_feeds_the_text_tower(tiny):
     assert text.shape == (2, tiny.dim)
 
 
-def test_encode_pixels_normalises_like_encode_images(tiny):
+def test_encode_pixels_normalises_then_runs_the_image_tower(tiny):
     pixels = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8)
+    with torch.inference_mode():
+        features = tiny.model.encode_image(normalize(pixels, tiny.preprocessing))
+    expected = torch.nn.functional.normalize(features.float(), dim=-1).half().numpy()
 
-    np.testing.assert_array_equal(
-        tiny.encode_pixels(pixels), tiny.encode_images(normalize(pixels, tiny.preprocessing))
-    )
+    np.testing.assert_array_equal(tiny.encode_pixels(pixels), expected)
 
 
 def test_random_weights_are_the_same_in_every_process(tiny, fresh_cache):
@@ -202,3 +203,19 @@ def test_random_weights_are_the_same_in_every_process(tiny, fresh_cache):
     # The caller's own random stream is left as it was (seeded 1234 above).
     torch.manual_seed(1234)
     assert float(after) == pytest.approx(torch.rand(1).item())
+
+
+def test_threads_loading_one_model_together_get_one_model(fresh_cache):
+    """The task threads of a run ask for the model at once: each must get the same weights (the
+    seeded random init uses torch's global generator, so loads must not interleave)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    spec = resolve_model(TINY_MODEL, None, None, device_here=False)  # "auto", as a plan has it
+    with ThreadPoolExecutor(4) as pool:
+        encoders = list(pool.map(lambda _: load_encoder(spec), range(4)))
+    assert all(encoder is encoders[0] for encoder in encoders)
+    fresh = {k: v.clone() for k, v in encoders[0].model.state_dict().items()}
+    encoder_module._load_encoder.cache_clear()
+    again = load_encoder(spec)
+    for name, value in again.model.state_dict().items():
+        assert torch.equal(value, fresh[name]), name
