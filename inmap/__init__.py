@@ -26,6 +26,8 @@ _EXPORTS = {
     "predict": "inmap.proxy",
     "TEMPLATES": "inmap.text",
     "text_proxy": "inmap.text",
+    "unknown_scores": "inmap.openset",
+    "unknown_threshold": "inmap.openset",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -15,7 +15,7 @@ import hashlib
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -51,6 +51,11 @@ class ProxyArtifact:
     text_proxy: np.ndarray  # (C, d) float32
     hyperparameters: dict[str, object]  # the ProxyConfig it was learned with
     stats: dict[str, object] = field(default_factory=dict)
+    # Attached for one run by `vision_proxy`, never saved: the negative vocabulary's (V, d) text
+    # embeddings for inmap.openset.unknown_scores, and the unknown-score threshold chosen from the
+    # drop (None when the run's `unknown` is "off").
+    vocabulary: np.ndarray | None = None
+    unknown_threshold: float | None = None
 
     @property
     def tau_t(self) -> float:  # temperatures for calibrated scores
@@ -114,23 +119,91 @@ def build_text_proxy(job: Job, on_progress: Callable[[int, int], None] | None = 
         on_progress=on_progress,
     )
     matrix = np.ascontiguousarray(proxy.float().cpu().numpy())
+    _write_text_embeddings(list(job.classes), matrix, uri, job, text_proxy_id=text_id)
+    return matrix
+
+
+def _write_text_embeddings(names: list[str], matrix: np.ndarray, uri: str, job: Job, **ids):
+    """One text-embedding cache file (a text proxy, or the vocabulary): a row per name."""
     table = pa.table(
         {
-            "class_id": pa.array(range(len(job.classes)), pa.int32()),
-            "class_name": list(job.classes),
+            "class_id": pa.array(range(len(names)), pa.int32()),
+            "class_name": names,
             "text_proxy": list(matrix),
         }
     )
     schema = with_json_metadata(
         TEXT_PROXY_SCHEMA,
-        text_proxy_id=text_id,
+        **ids,
         model=job.model.name,
         weights_id=job.model.weights_id,
         templates=job.templates,
         inmap_version=__version__,
     )
     storage.write_parquet_atomic(table.cast(schema), uri, job.options)
+
+
+# Vocabulary embeddings by content id: the same words, model and templates give the same matrix.
+_VOCABULARY_MEMO: dict[str, np.ndarray] = {}
+
+
+def vocabulary_id(job: Job, words: list[str]) -> str:
+    from inmap.text import resolve_templates
+
+    prompts = [template("{}") for template in resolve_templates(job.templates)]
+    return layout.digest(
+        ["vocabulary", words, job.model.name, job.model.weights_id, prompts, __version__]
+    )[:24]
+
+
+def build_vocabulary(job: Job) -> np.ndarray:
+    """(V, d) unit text embeddings of the shipped vocabulary without the words that name a listed
+    class (inmap.openset), embedded like the text proxy and cached the same way."""
+    from inmap.openset import vocabulary_words
+
+    words = vocabulary_words(job.classes)
+    if not words:
+        return np.zeros((0, 0), np.float32)
+    vocab_id = vocabulary_id(job, words)
+    uri = layout.text_proxy_uri(job.output, vocab_id)
+    cached = _read_cached(uri, job)
+    if cached is not None and cached["class_name"].to_pylist() == words:
+        return np.stack(cached["text_proxy"].to_numpy(zero_copy_only=False)).astype(np.float32)
+    if vocab_id not in _VOCABULARY_MEMO:  # one process embeds it once, whatever the output
+        from inmap.encoder import load_encoder
+        from inmap.text import text_proxy
+
+        encoder = load_encoder(job.model)
+        embedded = text_proxy(
+            encoder.model, encoder.tokenizer, words, templates=job.templates, batch_size=100
+        )
+        _VOCABULARY_MEMO[vocab_id] = np.ascontiguousarray(embedded.float().cpu().numpy())
+    matrix = _VOCABULARY_MEMO[vocab_id]
+    _write_text_embeddings(words, matrix, uri, job, vocabulary_id=vocab_id)
     return matrix
+
+
+def unknown_mode(job: Job) -> str:
+    """The run's `unknown` option: "off" (scores only) or "auto" (also flags, `is_unknown`)."""
+    return job.settings.unknown
+
+
+def attach_open_set(proxy: ProxyArtifact, rows: pa.Table, job: Job) -> ProxyArtifact:
+    """The proxy with the run's vocabulary and, for unknown="auto", the unknown-score threshold
+    chosen from the scores of the images in `rows` (the drop the proxy is for), without labels."""
+    from inmap.openset import unknown_scores, unknown_threshold
+
+    vocabulary = build_vocabulary(job)
+    threshold = None
+    if unknown_mode(job) == "auto" and rows.num_rows:
+        scores = [
+            unknown_scores(X, proxy.text_proxy, proxy.vision_proxy, vocabulary).numpy()
+            for X in _shard_stream(rows, job.options)()
+            if len(X)
+        ]
+        threshold = unknown_threshold(np.concatenate(scores)) if scores else None
+    return replace(proxy, vocabulary=vocabulary if len(vocabulary) else None,
+                   unknown_threshold=threshold)  # fmt: skip
 
 
 def _read_cached(uri: str, job: Job) -> pa.Table | None:
@@ -140,9 +213,8 @@ def _read_cached(uri: str, job: Job) -> pa.Table | None:
     except storage.CorruptFileError as error:
         moved = storage.move_aside(uri, job.options)
         logger.warning("%s; moved it to %s and computing it again", error, moved)
-    except storage.StorageError as error:
-        if "not found" not in str(error):
-            raise
+    except storage.NotFound:
+        pass
     return None
 
 
@@ -154,8 +226,8 @@ def training_rows(
 ) -> tuple[pa.Table, int]:
     """(the (uri, etag, shard_uri) rows to learn on, how many there were before sampling): the
     embedded images of the listed source (of the source prefix, when the listing is only what is
-    new), each once, or a uniform sample of `job.max_train_images` of them."""
-    if manifest is not None and job.listing == "full":
+    new), each once, or a uniform sample of `job.settings.max_train_images` of them."""
+    if manifest is not None and job.settings.listing == "full":
         rows = semi_join(index, manifest)
     else:
         source = source_uri(job.source, job.options)
@@ -163,7 +235,7 @@ def training_rows(
         rows = index.filter(pc.or_(under, pc.equal(index["uri"], source)))  # a folder, or a file
     rows = first_per_key(rows)  # an image may sit in two shards (see embedding_index)
     archive = rows.num_rows
-    limit = job.max_train_images
+    limit = job.settings.max_train_images
     if limit is not None and rows.num_rows > limit:
         chosen = sorted(random.Random(0).sample(range(rows.num_rows), limit))
         rows = rows.take(pa.array(chosen))
@@ -175,17 +247,17 @@ def choose_proxy(
 ) -> tuple[ProxyArtifact | None, str]:
     """(the labelset's latest proxy, or None to learn one; why).
 
-    `job.relearn`: "grown" (default) reuses the latest proxy unless the archive grew by more than
-    10% since it was learned or this drop alone is more than 10% of what it was learned on;
-    "always" learns every run; "never" reuses whenever there is a proxy."""
-    if job.relearn == "always":
+    `job.settings.relearn`: "grown" (default) reuses the latest proxy unless the archive grew by
+    more than 10% since it was learned or this drop alone is more than 10% of what it was learned
+    on; "always" learns every run; "never" reuses whenever there is a proxy."""
+    if job.settings.relearn == "always":
         return None, "relearn='always'"
     if latest_proxy_id is None:
         return None, "this labelset had none yet"
     latest = _read_proxy(layout.proxy_uri(job.output, latest_proxy_id), job)
     if latest is None:
         return None, f"the latest proxy {latest_proxy_id} is missing or unreadable"
-    if job.relearn == "never":
+    if job.settings.relearn == "never":
         return latest, "relearn='never'"
     if latest.hyperparameters != asdict(job.hyperparameters):
         return None, "the hyper-parameters differ from those of the latest proxy"
@@ -342,6 +414,7 @@ def vision_proxy(
     rows, archive = training_rows(index, job, manifest)
     latest, reason = choose_proxy(job, archive, to_predict, latest_proxy_id(job))
     if latest is not None:
-        return ProxyChoice(latest, False, reason)
+        return ProxyChoice(attach_open_set(latest, rows, job), False, reason)
     text_proxy = build_text_proxy(job)
-    return ProxyChoice(learn_proxy(rows, text_proxy, job, archive, on_step), True, reason)
+    learned = learn_proxy(rows, text_proxy, job, archive, on_step)
+    return ProxyChoice(attach_open_set(learned, rows, job), True, reason)

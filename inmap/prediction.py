@@ -20,6 +20,7 @@ import torch
 from inmap import layout, storage, tables
 from inmap.job import Job
 from inmap.learning import ProxyArtifact
+from inmap.openset import unknown_scores
 from inmap.pairs import anti_join, first_per_key, semi_join
 from inmap.proxy import predict
 from inmap.schemas import PREDICTIONS_SCHEMA, embedding_matrix
@@ -40,7 +41,7 @@ class PredictionPlan:
 
     @property
     def shard_id(self) -> str:
-        return storage.basename(self.shard_uri).removesuffix(".parquet")
+        return layout.shard_id_of(self.shard_uri)
 
 
 def done_predictions(job: Job) -> pa.Table:
@@ -75,14 +76,21 @@ def predict_shard(plan: PredictionPlan, proxy: ProxyArtifact, job: Job) -> pa.Ta
         return PREDICTIONS_SCHEMA.empty_table()
     features = torch.from_numpy(embedding_matrix(shard))
     classes = np.asarray(proxy.classes, dtype=object)
-    k = min(job.top_k, len(classes))
+    k = min(job.settings.top_k, len(classes))
     device = job.fit.device
     # Scores are probabilities at each proxy's own temperature: tau_i for the vision proxy it was
     # learned with, tau_t (CLIP's 1/100) for the text proxy.
     inmap_pred = predict(features, proxy.vision_proxy, top_k=k, tau=proxy.tau_i, device=device)
     zero_shot = predict(features, proxy.text_proxy, top_k=1, tau=proxy.tau_t, device=device)
     top_ids = inmap_pred.top_k_ids.numpy()
+    # How likely each image is none of the listed classes (inmap.openset); flagged only when the
+    # run chose a threshold (unknown="auto").
+    unknown = unknown_scores(features, proxy.text_proxy, proxy.vision_proxy, proxy.vocabulary)
+    threshold = proxy.unknown_threshold
     n = shard.num_rows
+    is_unknown = (
+        pa.nulls(n, pa.bool_()) if threshold is None else pa.array((unknown > threshold).numpy())
+    )
     now = datetime.now(timezone.utc)
     return pa.table(
         {
@@ -103,6 +111,8 @@ def predict_shard(plan: PredictionPlan, proxy: ProxyArtifact, job: Job) -> pa.Ta
             "proxy_id": [proxy.proxy_id] * n,
             "predicted_at": [now] * n,
             "labelset": [job.labelset] * n,
+            "unknown_score": pa.array(unknown.numpy(), pa.float32()),
+            "is_unknown": is_unknown,
         },
         schema=PREDICTIONS_SCHEMA,
     )

@@ -37,6 +37,7 @@ class RunSummary:
     unreadable: int = 0  # still unreadable after retrying: the partition committed nothing
     predicted: int = 0
     changed_from_zero_shot: int = 0
+    unknowns: int | None = None  # predicted images flagged none of the classes; None: unknown=off
     proxy_id: str | None = None
     proxy_learned: bool = False
     proxy_reason: str = ""
@@ -46,6 +47,7 @@ class RunSummary:
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    embedded_on: dict[str, int] = field(default_factory=dict)  # "host device" -> images
     finished_at: datetime | None = None
 
     @classmethod
@@ -67,8 +69,9 @@ class RunSummary:
         if self.proxy_id:
             how = "learned" if self.proxy_learned else "reused"
             proxy = f", proxy {self.proxy_id} {how}"
+        unknowns = "" if self.unknowns is None else f" ({self.unknowns} unknown)"
         return (
-            f"{self.source}: {self.predicted} predicted, {self.embedded} embedded, "
+            f"{self.source}: {self.predicted} predicted{unknowns}, {self.embedded} embedded, "
             f"{self.cached} cached, {self.failed} failed{proxy} -> {self.output}"
         )
 
@@ -85,12 +88,23 @@ class RunSummary:
             f"{self.unreadable} | {self.predicted} |",
             "",
         ]
+        if self.embedded_on:
+            lines += ["| embedded on (host device) | images |", "|---|---:|"]
+            lines += [f"| {where} | {count} |" for where, count in self.embedded_on.items()]
+            lines += [""]
         if self.proxy_id:
             how = "learned" if self.proxy_learned else "reused"
             lines += [f"Vision proxy `{self.proxy_id}` {how}: {self.proxy_reason}.", ""]
         if self.predicted:
             share = self.changed_from_zero_shot / self.predicted
             lines += [f"InMaP changed the zero-shot label of {share:.1%} of predicted images.", ""]
+            if self.unknowns is not None:
+                lines += [
+                    f"{self.unknowns} of {self.predicted} predicted images "
+                    f"({self.unknowns / self.predicted:.1%}) look like none of the classes "
+                    "(`is_unknown`).",
+                    "",
+                ]
         else:
             lines += ["No image needed a prediction in this run.", ""]
         for warning in self.warnings:
@@ -111,6 +125,7 @@ class RunSummary:
         record = asdict(self)
         record["warnings"] = list(self.warnings)
         record["stage_seconds"] = json.dumps(self.stage_seconds)
+        record["embedded_on"] = json.dumps(self.embedded_on)
         return pa.Table.from_pylist([{name: record.get(name) for name in RUNS_SCHEMA.names}],
                                     schema=RUNS_SCHEMA)  # fmt: skip
 
@@ -130,6 +145,17 @@ def prediction_statistics(parts: Sequence[pa.Table]) -> tuple[Counter[str], int,
         table["class_id"].to_numpy(),
     )
     return Counter(table["label"].to_pylist()), int(changed), [warning] if warning else []
+
+
+def unknown_count(parts: Sequence[pa.Table]) -> int | None:
+    """How many predicted images were flagged `is_unknown`; None when none was judged (the run's
+    unknown option was "off")."""
+    flags = [
+        part["is_unknown"] for part in parts if part.num_rows and "is_unknown" in part.schema.names
+    ]
+    if not flags or all(column.null_count == len(column) for column in flags):
+        return None
+    return int(sum(pc.sum(column).as_py() or 0 for column in flags))
 
 
 def record_run(summary: RunSummary, job: Job) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+from collections.abc import Callable
 
 import polars as pl
 import pyarrow as pa
@@ -19,10 +20,17 @@ LABEL_COLUMNS = ["uri", "etag", "label", "score", "zero_shot_label", "zero_shot_
                  "predicted_at", "run_id", "labelset"]  # fmt: skip
 
 
-def runs_text(output: str, storage_options: dict | None = None, *, limit: int = 20) -> str:
-    runs = read_runs(output, storage_options).slice(0, limit)
+FORMATS = ("table", "csv", "json", "parquet")
+
+
+def recent_runs(output: str, storage_options: dict | None = None, *, limit: int = 20) -> pa.Table:
+    """The most recent runs on `output`, newest first."""
+    return read_runs(output, storage_options).slice(0, limit)
+
+
+def runs_text(runs: pa.Table) -> str:
     if runs.num_rows == 0:
-        return f"no runs recorded under {output}"
+        return "no runs recorded"
     rows = []
     for run in runs.to_pylist():
         seconds = sum(json.loads(run["stage_seconds"] or "{}").values())
@@ -54,19 +62,29 @@ def runs_text(output: str, storage_options: dict | None = None, *, limit: int = 
     return _format(head, rows)
 
 
+OPEN_SET_COLUMNS = ["unknown_score", "is_unknown"]  # absent from tables older than open-set runs
+
+
 def latest_labels(
-    output: str, storage_options: dict | None = None, *, labelset: str | None = None
+    output: str,
+    storage_options: dict | None = None,
+    *,
+    labelset: str | None = None,
+    unknown_only: bool = False,
 ) -> pa.Table:
     """The latest prediction of each image (uri) for one labelset: `labelset`, or the labelset
-    of the most recent prediction."""
+    of the most recent prediction; only the images flagged `is_unknown` if `unknown_only`."""
     url = layout.predictions_dir(output)
+    table = tables.open_table(url, storage_options)
+    present = set(table.schema().to_arrow().names) if table is not None else set()
+    columns = LABEL_COLUMNS + [c for c in OPEN_SET_COLUMNS if c in present]
     if labelset is None:
         recent = tables.read(url, storage_options, columns=["labelset", "predicted_at"])
         if recent is None or recent.num_rows == 0:
             return PREDICTIONS_SCHEMA.empty_table().select(LABEL_COLUMNS)
         newest = pc.sort_indices(recent, [("predicted_at", "descending")])[0].as_py()
         labelset = recent["labelset"][newest].as_py()
-    predictions = tables.read(url, storage_options, columns=LABEL_COLUMNS,
+    predictions = tables.read(url, storage_options, columns=columns,
                               partition=("labelset", labelset))  # fmt: skip
     if predictions is None or predictions.num_rows == 0:
         raise InputError(f"no predictions for labelset {labelset!r} under {output}")
@@ -77,50 +95,85 @@ def latest_labels(
         .unique(subset="uri", keep="first")
         .sort("uri")
     )
+    if unknown_only:
+        flagged = pl.col("is_unknown") if "is_unknown" in latest.columns else pl.lit(False)
+        latest = latest.filter(flagged.fill_null(False))
     return latest.to_arrow()
 
 
-def write_labels(table: pa.Table, form: str, to: str | None) -> None:
-    """Write labels as a text table, CSV or Parquet, to a file or stdout."""
+def labels_text(table: pa.Table) -> str:
+    flags = "is_unknown" in table.schema.names and table["is_unknown"].null_count < len(table)
+    rows = [
+        [row["uri"], row["label"], f"{row['score']:.3f}", row["zero_shot_label"],
+         f"{row['zero_shot_score']:.3f}"] + (["unknown" if row["is_unknown"] else ""] * flags)
+        for row in table.to_pylist()
+    ]  # fmt: skip
+    head = ["uri", "label", "score", "zero-shot label", "zero-shot score"] + ["none of"] * flags
+    text = _format(head, rows)
+    return f"{text}\n{table.num_rows} image(s)"
+
+
+def write_result(table: pa.Table, form: str, to: str | None, text: Callable[[pa.Table], str]):
+    """Write a result as a text table (`text` renders it), CSV, JSON (an array of rows) or
+    Parquet, to the file `to` or to stdout. Parquet goes to stdout only when it is not a
+    terminal."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
+    if form not in FORMATS:
+        raise InputError(f"unknown format {form!r}: choose from {', '.join(FORMATS)}")
+    to_stdout = not to or to == "-"
+    if form == "parquet" and to_stdout and sys.stdout.isatty():
+        raise InputError("Parquet is binary: pass --to FILE, or pipe the output to a file")
+    buffer = io.BytesIO()
     if form == "parquet":
-        if not to or to == "-":
-            raise InputError("--format parquet needs --to FILE")
-        pq.write_table(table, to)
-        return
-    if form == "csv":
-        buffer = io.BytesIO()
-        pacsv.write_csv(table, buffer)
-        text = buffer.getvalue().decode()
+        pq.write_table(table, buffer)
+    elif form == "csv":
+        pacsv.write_csv(_flat(table), buffer)
+    elif form == "json":
+        pl.from_arrow(table).write_json(buffer)
+        buffer.write(b"\n")
     else:
-        rows = [
-            [row["uri"], row["label"], f"{row['score']:.3f}", row["zero_shot_label"],
-             f"{row['zero_shot_score']:.3f}"]
-            for row in table.to_pylist()
-        ]  # fmt: skip
-        text = _format(["uri", "label", "score", "zero-shot label", "zero-shot score"], rows)
-        text += f"\n{table.num_rows} image(s)\n"
-    if to and to != "-":
-        with open(to, "w") as f:
-            f.write(text)
+        buffer.write((text(table) + "\n").encode())
+    if to_stdout:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(buffer.getvalue())
+        sys.stdout.buffer.flush()
     else:
-        sys.stdout.write(text)
+        with open(to, "wb") as f:
+            f.write(buffer.getvalue())
 
 
-def errors_text(output: str, storage_options: dict | None = None, *, limit: int = 50) -> str:
+def recent_errors(output: str, storage_options: dict | None = None, *, limit: int = 50):
+    """The failed images recorded on `output`, newest first (all of them when `limit` is None)."""
     errors = tables.read(layout.errors_dir(output), storage_options)
-    if errors is None or errors.num_rows == 0:
-        return f"no failed images recorded under {output}"
+    if errors is None:
+        return ERRORS_SCHEMA.empty_table()
     errors = errors.select(ERRORS_SCHEMA.names).sort_by([("recorded_at", "descending")])
+    return errors if limit is None else errors.slice(0, limit)
+
+
+def errors_text(errors: pa.Table, limit: int | None = None) -> str:
+    """How many failed, by stage, and the newest `limit` of them with their reasons."""
+    if errors.num_rows == 0:
+        return "no failed images recorded"
     counts = errors.group_by("stage").aggregate([("uri", "count")]).to_pylist()
     summary = ", ".join(f"{row['uri_count']} {row['stage']}" for row in counts)
-    rows = [[row["stage"], row["uri"], row["error"][:120]] for row in
-            errors.slice(0, limit).to_pylist()]  # fmt: skip
+    shown = errors if limit is None else errors.slice(0, limit)
+    rows = [[row["stage"], row["uri"], row["error"][:120]] for row in shown.to_pylist()]
     return f"{errors.num_rows} failed image(s): {summary}\n" + _format(
         ["stage", "uri", "reason"], rows
     )
+
+
+def _flat(table: pa.Table) -> pa.Table:
+    """CSV has no lists or structs: such a column becomes its JSON text."""
+    for index, column in enumerate(table.columns):
+        if pa.types.is_nested(column.type):
+            text = pa.array([None if v is None else json.dumps(v, default=str)
+                             for v in column.to_pylist()], pa.string())  # fmt: skip
+            table = table.set_column(index, table.field(index).name, text)
+    return table
 
 
 def _format(head: list[str], rows: list[list[str]]) -> str:

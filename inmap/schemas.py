@@ -115,6 +115,11 @@ PREDICTIONS_SCHEMA = pa.schema(
         pa.field("proxy_id", pa.string()),
         pa.field("predicted_at", TIMESTAMP),
         pa.field("labelset", pa.string(), nullable=False),  # classes + model + templates; partition
+        # Open set (inmap.openset): how likely the image is none of the listed classes, in [0, 1];
+        # `is_unknown` is null unless the run chose a threshold (unknown="auto"). Last, and
+        # nullable, so that tables written before them take them by schema evolution.
+        pa.field("unknown_score", pa.float32()),
+        pa.field("is_unknown", pa.bool_()),
     ]
 )
 
@@ -122,7 +127,7 @@ PREDICTIONS_SCHEMA = pa.schema(
 RUNS_SCHEMA = pa.schema(
     [
         pa.field("run_id", pa.string(), nullable=False),
-        pa.field("status", pa.string(), nullable=False),  # "completed" | "failed"
+        pa.field("status", pa.string(), nullable=False),  # "completed" | "failed" | "interrupted"
         pa.field("source", pa.string()),
         pa.field("labelset", pa.string()),
         pa.field("model", pa.string()),
@@ -145,6 +150,8 @@ RUNS_SCHEMA = pa.schema(
         pa.field("warnings", pa.list_(pa.string())),
         pa.field("error", pa.string()),
         pa.field("stage_seconds", pa.string()),  # JSON {stage: seconds}
+        pa.field("unknowns", pa.int64()),  # images flagged is_unknown; null when unknown="off"
+        pa.field("embedded_on", pa.string()),  # JSON {"host device": images embedded there}
     ]
 )
 

@@ -32,6 +32,8 @@ def predictions(class_ids: list[int], zero_shot_ids: list[int]) -> pa.Table:
             "proxy_id": ["x"] * n,
             "predicted_at": [datetime.now(timezone.utc)] * n,
             "labelset": ["l"] * n,
+            "unknown_score": pa.nulls(n, pa.float32()),
+            "is_unknown": pa.nulls(n, pa.bool_()),
         },
         schema=PREDICTIONS_SCHEMA,
     )
