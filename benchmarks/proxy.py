@@ -18,36 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from reference import literal_inmap  # benchmarks/reference.py, beside this file
 
 from inmap.proxy import fit_vision_proxy, predict
 
 DEV_FEATURES = (
     Path(__file__).resolve().parents[2] / "shared" / "data" / "clip-vitb32-imagenet500.npz"
 )
-
-
-def literal_inmap(X, T, refine, tau_t=0.01, tau_i=0.04, alpha=0.6, lr=10.0, iters=2000):
-    """The method as written (float32, full batch, every iteration), as a baseline."""
-    X = torch.nn.functional.normalize(X.float(), dim=1)
-    T = torch.nn.functional.normalize(T.float(), dim=1)
-    n, C = X.shape[0], T.shape[0]
-    P = torch.softmax(X @ T.T / tau_t, dim=1)
-    if refine == "sinkhorn":
-        P = P / n
-        for _ in range(20):
-            P = P / (C * P.sum(0, keepdim=True))
-            P = P / (n * P.sum(1, keepdim=True))
-        P = P * n
-    top, cls = P.max(1)
-    P = torch.where((top > alpha)[:, None], torch.nn.functional.one_hot(cls, C).float(), P)
-    W, previous = T.clone(), float("inf")
-    for _ in range(iters):
-        G = torch.softmax(X @ W.T / tau_i, dim=1).T @ X - P.T @ X
-        if G.norm() > previous:
-            lr /= 2
-        previous = G.norm()
-        W = torch.nn.functional.normalize(W - lr / (n * tau_i) * G, dim=1)
-    return W
 
 
 def compare(X, W, reference) -> tuple[float, float]:
@@ -89,7 +66,9 @@ def cpu_section(features: Path, fast_iters: int) -> None:
 
     row("zero-shot", "-", T, 0.0, 0)
     for method, refine in (("InMaP, no refinement", "none"), ("InMaP + Sinkhorn", "sinkhorn")):
-        literal, literal_seconds = timed(lambda r=refine: literal_inmap(X, T, r))
+        literal, literal_seconds = timed(
+            lambda r=refine: literal_inmap(X, T, refine=r, dtype=torch.float32)
+        )
         row(method, "literal loop", literal, literal_seconds, 2000)
         for iters in (2000, fast_iters):
             fit, seconds = timed(

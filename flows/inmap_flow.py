@@ -13,86 +13,80 @@ import os
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
-from typing import Annotated
 
 from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
+from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import WithJsonSchema
 
-from inmap import layout, lease, progress
-from inmap.config import DEFAULT_MODEL, DEFAULT_PRETRAINED, ProxyConfig
-from inmap.credentials import STORAGE_OPTIONS_SCHEMA
-from inmap.decode import DEFAULT_PIXEL_BUDGET
-from inmap.errors import InmapError, UnreadableImagesError
-from inmap.job import Job, JobRequest
-from inmap.report import RunSummary, prediction_statistics
+from inmap import layout, lease, maintenance, progress
+from inmap.errors import InmapError, InputError, StorageError, UnreadableImagesError
+from inmap.job import Job
+from inmap.options import RunnerOptions, RunRequest, takes_options
+from inmap.report import RunSummary, prediction_statistics, unknown_count
 from tasks import credentials, stages
 
 # inmap's own INFO lines (adaptive refinement, repairs) reach run logs with
 # PREFECT_LOGGING_EXTRA_LOGGERS=inmap, set by the command line and deployments.serve.
 logging.getLogger("inmap").setLevel(logging.INFO)
 
-GPU_RESOURCES_ENV = "INMAP_DASK_GPU_RESOURCES"  # set by `inmap label --dask-gpus`
-# A deployment refuses secret option names before Prefect stores a run's parameters.
-StorageOptions = Annotated[dict | None, WithJsonSchema(STORAGE_OPTIONS_SCHEMA)]
-
 
 def _gpu_annotation():
     """On a Dask cluster whose workers declare `--resources GPU=1`, each embedding task holds one
-    GPU: a worker takes one shard at a time, and several GPUs work as several workers. Off by
-    default, since tasks asking for a resource no worker has would wait forever."""
-    if os.environ.get(GPU_RESOURCES_ENV) != "1":
+    GPU: a worker takes one shard at a time, and several GPUs work as several workers. Only with
+    --dask-gpus, since tasks asking for a resource no worker has cannot run (the preflight refuses
+    such a cluster; workers lost mid-run fail the run after LOST_WORKERS_SECONDS)."""
+    runner = FlowRunContext.get().task_runner
+    if not getattr(runner, "gpus", False):
         return nullcontext()
     import dask
 
     return dask.annotate(resources={"GPU": 1})
 
 
-def make_task_runner(
-    kind: str = "thread",
-    *,
-    dask_address: str | None = None,
-    dask_workers: int = 2,
-    gpu_resources: bool = False,
-):
+def make_task_runner(options: RunnerOptions):
     """The task runner for `inmap_flow.with_options(task_runner=...)`.
 
     `thread`: Prefect's thread pool, one process. `dask`: prefect-dask on an existing cluster at
-    `dask_address`, or a local cluster of `dask_workers` single-threaded processes.
+    `dask_address` (checked before any work: flows/dask_runner.py), or a local cluster of
+    `dask_workers` single-threaded processes. With `dask_gpus`, a local cluster is dask-cuda's
+    LocalCUDACluster: one worker per visible GPU, each pinned to its device.
     """
-    if kind == "thread":
+    if options.runner == "thread":
         return ThreadPoolTaskRunner(max_workers=4)
-    if kind != "dask":
-        raise ValueError(f"unknown task runner {kind!r}: use 'thread' or 'dask'")
-    from prefect_dask import DaskTaskRunner
+    from flows.dask_runner import InmapDaskTaskRunner
 
-    if gpu_resources:
-        os.environ[GPU_RESOURCES_ENV] = "1"
-    if dask_address:
-        return DaskTaskRunner(address=dask_address)
-    cluster_kwargs = {"n_workers": dask_workers, "threads_per_worker": 1, "processes": True}
-    if gpu_resources:
-        cluster_kwargs["resources"] = {"GPU": 1}
-    return DaskTaskRunner(cluster_kwargs=cluster_kwargs)
+    if options.dask_address:
+        return InmapDaskTaskRunner(address=options.dask_address, gpus=options.dask_gpus)
+    if options.dask_gpus:
+        return InmapDaskTaskRunner(
+            cluster_class=_local_cuda_cluster(),
+            cluster_kwargs={"threads_per_worker": 1, "resources": {"GPU": 1}},
+            gpus=True,
+        )
+    cluster_kwargs = {"n_workers": options.workers, "threads_per_worker": 1, "processes": True}
+    return InmapDaskTaskRunner(cluster_kwargs=cluster_kwargs)
+
+
+def _local_cuda_cluster():
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError:
+        raise InputError(
+            "--dask-gpus on this machine starts one Dask worker per GPU with dask-cuda, which is "
+            "not installed: pip install 'inmap[cuda]' (or give --dask-address of a cluster whose "
+            "workers declare --resources GPU=1)"
+        ) from None
+    return LocalCUDACluster
 
 
 def task_runner_from_env():
-    """The task runner named by INMAP_TASK_RUNNER / INMAP_DASK_ADDRESS / INMAP_DASK_WORKERS.
-
-    Deployments load this module afresh in each flow-run process, so the environment of the serving
-    process is how a served deployment picks Dask.
-    """
-    env = os.environ.get
-    address = env("INMAP_DASK_ADDRESS") or None
-    return make_task_runner(
-        "dask" if address else env("INMAP_TASK_RUNNER", "thread"),
-        dask_address=address,
-        dask_workers=int(env("INMAP_DASK_WORKERS", "2")),
-        gpu_resources=env(GPU_RESOURCES_ENV) == "1",
-    )
+    """The task runner that INMAP_TASK_RUNNER, INMAP_DASK_ADDRESS, INMAP_DASK_WORKERS and
+    INMAP_DASK_GPU_RESOURCES name (RunnerOptions.ENVIRONMENT). Deployments load this module afresh
+    in each flow-run process, so the serving process's environment is how it picks Dask."""
+    return make_task_runner(RunnerOptions.from_environment(os.environ))
 
 
 # persist_result=False and a JSON serializer: a failing flow run would otherwise still write its
@@ -117,8 +111,9 @@ def label_partition(job: Job) -> RunSummary:
         todo = stages.plan_predictions(found.images, index, job)
         if todo:
             to_predict = sum(p.images for p in todo)
-            with timed("learn"):
-                choice = stages.vision_proxy(found.images, index, to_predict, job)
+            with timed("learn"), _gpu_annotation():  # on a worker: where the GPUs are
+                choice = stages.vision_proxy.submit(found.images, index, to_predict, job)
+                choice = choice.result()
             progress.announce("predict", to_predict)
             with timed("predict"):
                 parts = stages.predict_shard.map(todo, unmapped(choice.proxy), unmapped(job))
@@ -137,60 +132,28 @@ def label_partition(job: Job) -> RunSummary:
 
 @flow(name="inmap", persist_result=False, result_serializer="json", log_prints=True,
       task_runner=task_runner_from_env())  # fmt: skip
-def inmap_flow(
-    source: str | list[str],
-    classes: list[str] | str,
-    output: str,
-    model: str = DEFAULT_MODEL,
-    pretrained: str | None = DEFAULT_PRETRAINED,
-    templates: str | list[str] = "paper",
-    device: str = "auto",
-    hyperparameters: ProxyConfig = ProxyConfig(),  # noqa: B008 - frozen dataclass, safe default
-    precision: str = "float32",
-    shard_size: int = 2000,
-    batch_size: int = 64,
-    max_train_images: int | None = 200_000,
-    top_k: int = 5,
-    relearn: str = "grown",
-    listing: str = "full",
-    read_retry_seconds: float = 120.0,
-    pixel_budget: int = DEFAULT_PIXEL_BUDGET,
-    storage_options: StorageOptions = None,
-    credentials_block: str | None = None,
-    lease_wait: float = lease.DEFAULT_WAIT,
-) -> list[RunSummary]:
+@takes_options(RunRequest)
+def inmap_flow(**parameters) -> list[RunSummary]:
     """Label every image under `source` (a prefix, or a list of prefixes for a backfill) that has
     no prediction yet for these classes, model and prompts, and write the predictions to
     `output`. Secrets never go in `storage_options`: see `credentials_block`."""
+    try:
+        return _label_request(RunRequest.parse(parameters))
+    except InmapError as error:
+        # The one-line reason is the state's message: `prefect deployment run --watch` and the
+        # UI show it. A caller in Python still gets the error itself.
+        return Failed(message=f"{type(error).__name__}: {error}", data=error)
+
+
+def _label_request(request: RunRequest) -> list[RunSummary]:
     run_id = str(flow_run.get_id() or layout.new_run_id())
-    request = JobRequest(
-        source=source if isinstance(source, str) else tuple(source),
-        classes=classes if isinstance(classes, str) else tuple(classes),
-        output=output,
-        run_id=run_id,
-        model=model,
-        pretrained=pretrained,
-        device=device,
-        templates=templates if isinstance(templates, str) else tuple(templates),
-        hyperparameters=hyperparameters,
-        precision=precision,
-        batch_size=batch_size,
-        shard_size=shard_size,
-        top_k=top_k,
-        max_train_images=max_train_images,
-        relearn=relearn,
-        listing=listing,
-        read_retry_seconds=read_retry_seconds,
-        pixel_budget=pixel_budget,
-        storage_options=storage_options,
-        credentials_block=credentials_block,
-    )
-    job = stages.prepare_job(request)
+    job = stages.prepare_job(request, run_id)
     partitions = request.partitions
     runner = FlowRunContext.get().task_runner  # each partition's tasks run where the run's do
     get_run_logger().info("task runner: %s", type(runner).__name__)
+    _check_cluster(runner, job, partitions)
     summaries, failures = [], []
-    with _held_lease(job, lease_wait) as job:
+    with _held_lease(job, request.lease_wait) as job:
         stages.tidy_output(job)
         for number, prefix in enumerate(partitions):
             partition_id = run_id if len(partitions) == 1 else f"{run_id}-p{number:04d}"
@@ -207,11 +170,27 @@ def inmap_flow(
     return summaries
 
 
+def _check_cluster(runner, job: Job, partitions: list[str]) -> None:
+    """Before any work: refuse, in seconds and in one line, an existing Dask cluster that cannot
+    run this job (inmap.cluster.preflight); the partitions' runners inherit what it expects."""
+    from flows.dask_runner import InmapDaskTaskRunner
+
+    if isinstance(runner, InmapDaskTaskRunner):
+        runner.expect(local_paths=[*partitions, job.output], device=job.model.device)
+        runner.preflight()
+
+
 @contextmanager
 def _held_lease(job: Job, wait: float):
     """Hold the output's lease in this (the flow's) process for the whole run; tasks check it
     before committing. The block's secrets are loaded here for the lease alone."""
-    held = lease.acquire(job.output, job.run_id, credentials.attach(job).options, wait=wait)
+    options = credentials.attach(job).options
+    held = lease.acquire(job.output, job.run_id, options, wait=wait)
+    if held.previous is not None:  # a run that died holding it never recorded itself
+        try:
+            maintenance.record_interrupted_run(job.output, held.previous, job.run_id, options)
+        except StorageError as error:
+            get_run_logger().warning("could not record the interrupted run: %s", error)
     try:
         yield replace(job, lease=held.url)
     finally:
@@ -222,6 +201,10 @@ def _count_embedding(summary: RunSummary, found, plan, shards) -> None:
     summary.listed = len(found)
     summary.cached = plan.cached + sum(s.embedded for s in shards if s.cached)
     summary.embedded = sum(s.embedded for s in shards if not s.cached)
+    for shard in shards:  # so an operator sees which hosts and devices did the embedding
+        if not shard.cached and shard.embedded:
+            where = shard.embedded_on or "unknown"
+            summary.embedded_on[where] = summary.embedded_on.get(where, 0) + shard.embedded
     summary.failed = sum(s.failed for s in shards) + found.problems.num_rows
     unreadable = [item for s in shards for item in s.unreadable]
     summary.unreadable = len(unreadable)
@@ -239,6 +222,7 @@ def _count_embedding(summary: RunSummary, found, plan, shards) -> None:
 def _count_predictions(summary: RunSummary, choice, parts) -> None:
     histogram, changed, warnings = prediction_statistics(parts)
     summary.predicted = sum(part.num_rows for part in parts)
+    summary.unknowns = unknown_count(parts)
     summary.label_histogram = dict(histogram.most_common())
     summary.changed_from_zero_shot = changed
     summary.warnings = warnings

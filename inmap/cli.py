@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import os
 import sys
 import warnings
 from dataclasses import fields
 
-from inmap.config import DEFAULT_MODEL, DEFAULT_PRETRAINED, FitOptions, ProxyConfig
+from inmap.config import ProxyConfig
 
 # Prefect's embedded server gets this long to start (its default, 20 s, is too short on a busy
 # laptop); a user's own setting wins.
@@ -32,6 +33,8 @@ EXIT_FAILED = 1
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _prefect_defaults()
+    if args.command == "label" and _embedded_api():
+        ANSWER.hold_until_exit()
     try:
         return args.handler(args)
     except KeyboardInterrupt:
@@ -53,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         "label",
         help="label the images under SOURCE and write predictions to OUTPUT",
         description="Run the inmap flow: list, embed, learn the vision proxy, predict, commit.",
+        epilog=LABEL_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _label_arguments(label)
     label.set_defaults(handler=_label_command)
@@ -67,8 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _output_arguments(labels)
     labels.add_argument("--labelset", default=None, help="one labelset (default: the latest)")
-    labels.add_argument("--format", choices=["table", "csv", "parquet"], default="table")
-    labels.add_argument("--to", dest="to", default=None, help="write to this file (- for stdout)")
+    labels.add_argument(
+        "--unknown-only",
+        action="store_true",
+        help="only images flagged as none of the classes (runs with --unknown auto)",
+    )
     labels.set_defaults(handler=_labels_command)
 
     errors = commands.add_parser("errors", help="images that failed, with reasons")
@@ -79,13 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     maintain = commands.add_parser(
         "maintain", help="compact the output's tables and remove files no reader needs"
     )
-    _output_arguments(maintain)
-    maintain.add_argument(
-        "--retention-hours",
-        type=_hours,
-        default=168,
-        help="keep unreferenced table files this long, for readers of older versions (default 168)",
-    )
+    _output_arguments(maintain, formats=False)
+    from inmap.options import MaintainRequest
+
+    add_options(maintain, MaintainRequest, only={"retention_hours"})
     maintain.set_defaults(handler=_maintain_command)
 
     evaluate = commands.add_parser(
@@ -101,216 +106,240 @@ def build_parser() -> argparse.ArgumentParser:
 # --- inmap label ---------------------------------------------------------------------------------
 
 
+LABEL_EXAMPLES = (
+    "examples:\n"
+    "  # a local folder, on this machine, with Prefect's embedded server\n"
+    "  inmap label ./images --classes classes.txt --output ./out\n"
+    "  # S3, the credentials in a Prefect block (never in an option)\n"
+    "  inmap label s3://bucket/drops/2026-12-06 --classes s3://bucket/classes.txt \\\n"
+    "      --output s3://bucket/inmap --credentials-block my-aws\n"
+)
+
+
 def _label_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "source", nargs="+", help="image prefix(es): a folder, s3://bucket/prefix, ..."
-    )
-    parser.add_argument(
-        "--classes",
-        required=True,
-        help="class names: a text file (one per line) or a JSON list, any URL",
-    )
-    parser.add_argument("--output", required=True, help="output prefix (folder or s3://...)")
-    parser.add_argument(
-        "--model", default=DEFAULT_MODEL, help=f"open_clip model (default {DEFAULT_MODEL})"
-    )
-    parser.add_argument(
-        "--pretrained",
-        default=DEFAULT_PRETRAINED,
-        help="pretrained tag, local checkpoint path, or 'none' for random weights "
-        f"(default {DEFAULT_PRETRAINED})",
-    )
-    parser.add_argument(
-        "--templates",
-        default="paper",
-        help="prompt templates: 'paper' (7), 'openai' (80), or a JSON list",
-    )
-    parser.add_argument(
-        "--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (every stage)"
-    )
-    parser.add_argument("--shard-size", type=int, default=2000, help="images per embedding shard")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per model batch")
-    parser.add_argument(
-        "--max-train-images",
-        type=int,
-        default=200_000,
-        help="learn the proxy on a uniform sample above this many images",
-    )
-    parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument(
-        "--relearn",
-        choices=["grown", "always", "never"],
-        default="grown",
-        help="learn a new proxy: when the archive grew by 10%% (default), every run, or never",
-    )
-    parser.add_argument(
-        "--listing",
-        choices=["full", "after-last"],
-        default="full",
-        help="list everything (default), or only keys after the last run's (drops whose keys "
-        "sort by arrival)",
-    )
-    parser.add_argument(
-        "--read-retry-seconds",
-        type=float,
-        default=120.0,
-        help="keep retrying an object that fails to read for this long (default 120)",
-    )
-    parser.add_argument(
-        "--pixel-budget",
-        type=int,
-        default=None,
-        help="decoded pixels in flight across decode threads (default 256 million)",
-    )
-    parser.add_argument(
-        "--storage-options",
-        default=None,
-        help='JSON dict of non-secret fsspec/s3fs options, e.g. \'{"endpoint_url": "http://..."}\'',
-    )
-    parser.add_argument(
-        "--credentials-block",
-        default=None,
-        help="name of a Prefect AwsCredentials block holding the S3 credentials",
-    )
-    parser.add_argument(
-        "--lease-wait",
-        type=float,
-        default=300.0,
-        help="seconds to wait for another run on the same output (default 300)",
-    )
+    from inmap.config import ProxyConfig
+    from inmap.options import RunnerOptions, RunRequest
+
+    hyperparameters = {item.name for item in fields(ProxyConfig)} | {"precision"}
+    first = ("source", "classes", "output")
+    add_options(parser, RunRequest, positional="source", only=first)
+    add_options(parser, RunRequest, skip={*first, *hyperparameters})
+    add_options(parser, RunnerOptions)
     parser.add_argument(
         "--no-progress", action="store_true", help="log lines instead of a live progress display"
     )
-    parser.add_argument("--task-runner", choices=["thread", "dask"], default="thread")
     parser.add_argument(
-        "--dask-address",
-        default=None,
-        help="tcp://host:8786 of an existing Dask cluster (implies --task-runner dask)",
-    )
-    parser.add_argument("--dask-workers", type=int, default=2, help="local Dask cluster size")
-    parser.add_argument(
-        "--dask-gpus",
+        "--verbose",
         action="store_true",
-        help="each embedding task holds one GPU (workers need --resources GPU=1)",
+        help="also print Prefect's own log lines (run logs keep them either way)",
     )
     hyper = parser.add_argument_group("InMaP hyper-parameters (the paper's by default)")
-    for item in fields(ProxyConfig):
-        hyper.add_argument(
-            f"--{item.name.replace('_', '-')}",
-            type=type(item.default),
-            default=None,
-            help=f"default {item.default}",
-        )
-    precisions = [f.default for f in fields(FitOptions) if f.name == "precision"]
-    hyper.add_argument(
-        "--precision",
-        choices=["float32", "tf32", "bf16"],
-        default=precisions[0],
-        help="proxy-learning arithmetic; tf32/bf16 are faster on GPUs (default float32)",
-    )
+    add_options(hyper, RunRequest, only=hyperparameters)
+
+
+def add_options(parser, model, *, positional: str | None = None, skip=(), only=None) -> None:
+    """One flag per field of an `inmap.options` model: its type, choices, default and help come
+    from the declaration. Defaults stay unset here, so the model fills them in (and knows which
+    options a user gave)."""
+    from inmap import options
+
+    for name, field in model.model_fields.items():
+        if name in skip or (only is not None and name not in only):
+            continue
+        choices = options.choices(field.annotation)
+        plain_choices = choices if options.is_literal(field.annotation) else None
+        help_text = (field.description or "").replace("%", "%%")
+        if choices and plain_choices is None:
+            help_text += f" (choices: {', '.join(map(str, choices))})"
+        if not field.is_required() and not (field.default is None and "default" in help_text):
+            help_text += f" (default: {_shown(field.default)})"
+        kind = options.scalar_type(field.annotation)
+        settings = {"help": help_text, "default": argparse.SUPPRESS}
+        if name == positional:
+            many = options.takes_list(field.annotation)
+            parser.add_argument(name, nargs="+" if many else None, help=help_text)
+            continue
+        if kind is bool:
+            settings["action"] = "store_true"
+        else:
+            settings["type"] = kind
+            settings["metavar"] = name.upper() if plain_choices is None else None
+            if plain_choices is not None:
+                settings["choices"] = plain_choices
+        if field.is_required():
+            settings["required"] = True
+        parser.add_argument(options.flag(name), **settings)
+
+
+def _shown(default) -> str:
+    return "none" if default is None else str(default)
 
 
 def _label_command(args: argparse.Namespace) -> int:
     from inmap.classes import read_classes
-    from inmap.credentials import refuse_secrets
+    from inmap.cluster import absolute_local
     from inmap.listing import check_local_source
+    from inmap.options import RunnerOptions, RunRequest
     from inmap.tables import check_table_path
 
+    given = _given(args, RunRequest)
+    # Local paths are this machine's: absolute before the run goes anywhere (a Dask worker would
+    # resolve a relative one in its own working directory).
+    sources = [absolute_local(source) for source in args.source]
+    given["source"] = sources[0] if len(sources) == 1 else sources
+    given["output"] = absolute_local(args.output)
+    if not str(args.classes).lstrip().startswith("["):
+        given["classes"] = absolute_local(args.classes)
+    request = RunRequest.parse(given, flags=True)
+    runner = RunnerOptions.parse(_given(args, RunnerOptions), flags=True)
     # Mistakes that need no server are caught before one starts.
-    storage_options = refuse_secrets(_json(args.storage_options, "--storage-options"))
-    check_table_path(args.output)
-    for source in args.source:
+    kind = runner.runner
+    check_table_path(request.output)
+    for source in request.partitions:
         check_local_source(source)
-    if not args.credentials_block:
-        read_classes(args.classes, storage_options or None)
-    _say_server_start()
+    if not request.credentials_block:
+        read_classes(request.classes, request.storage_options)
     from inmap.model import resolve_model
 
-    resolve_model(args.model, args.pretrained, args.device)  # fetches the weights, or says why not
+    # Fetches the weights, or says why not; on Dask the workers judge the device.
+    resolve_model(request.model, request.pretrained, request.device, device_here=kind == "thread")
+    _say_server_start()
     # The run's log says so already, in its place; the Python warning would say it twice.
     warnings.filterwarnings("ignore", message=".* has RANDOM weights")
 
     from flows.inmap_flow import inmap_flow, make_task_runner
 
-    overrides = {
-        item.name: getattr(args, item.name)
-        for item in fields(ProxyConfig)
-        if getattr(args, item.name) is not None
-    }
-    runner = "dask" if args.dask_address else args.task_runner
-    flow = inmap_flow.with_options(
-        task_runner=make_task_runner(
-            runner,
-            dask_address=args.dask_address,
-            dask_workers=args.dask_workers,
-            gpu_resources=args.dask_gpus,
-        )
-    )
-    parameters = {
-        "source": args.source[0] if len(args.source) == 1 else args.source,
-        "classes": args.classes,
-        "output": args.output,
-        "model": args.model,
-        "pretrained": args.pretrained,
-        "templates": _json(args.templates, "--templates")
-        if args.templates.startswith("[")
-        else args.templates,
-        "device": args.device,
-        "hyperparameters": ProxyConfig(**overrides),
-        "precision": args.precision,
-        "shard_size": args.shard_size,
-        "batch_size": args.batch_size,
-        "max_train_images": args.max_train_images,
-        "top_k": args.top_k,
-        "relearn": args.relearn,
-        "listing": args.listing,
-        "read_retry_seconds": args.read_retry_seconds,
-        "storage_options": storage_options or None,
-        "credentials_block": args.credentials_block,
-        "lease_wait": args.lease_wait,
-    }
-    if args.pixel_budget is not None:
-        parameters["pixel_budget"] = args.pixel_budget
+    flow = inmap_flow.with_options(task_runner=make_task_runner(runner))
+    # Only what the user gave: the flow's own defaults are the declaration's.
+    parameters = request.model_dump(exclude_unset=True)
     from inmap import watchdog
     from inmap.console import run_with_console
 
     # A killed CLI cannot stop the embedded server it started; the watchdog does.
     guard = None if os.environ.get("PREFECT_API_URL") else watchdog.start()
     try:
-        summaries = run_with_console(flow, parameters, live=not args.no_progress)
+        summaries = run_with_console(
+            flow, parameters, live=not args.no_progress, verbose=args.verbose
+        )
+        if kind == "dask" and _embedded_api():
+            _let_the_server_catch_up()
     finally:
         if guard is not None:
             guard.terminate()
             guard.wait()
     for summary in summaries:
-        print(summary.line())
         for warning in summary.warnings:
-            print(f"warning: {warning}", file=sys.stderr)
+            ANSWER.say(f"warning: {warning}", sys.stderr)
+    for summary in summaries:  # the answer is the last thing printed
+        look = "errors" if summary.failed else "labels"
+        ANSWER.say(f"{summary.line()}; see: inmap {look} {_quoted(request.output)}")
     return 0
+
+
+class _Answer:
+    """The command's last lines: the summary or the error. When this process starts Prefect's
+    temporary server, they are held and printed at exit, after the server's own shutdown (its
+    exit handler, registered later, runs first), so the answer is the last thing on the console."""
+
+    def __init__(self) -> None:
+        self.held: list[tuple[str, object]] | None = None
+
+    def hold_until_exit(self) -> None:
+        import atexit
+
+        self.held = []
+        atexit.register(self._print_held)
+
+    def say(self, text: str, file=None) -> None:
+        if self.held is None:
+            print(text, file=file or sys.stdout)
+        else:
+            self.held.append((text, file))
+
+    def _print_held(self) -> None:
+        for text, file in self.held or []:
+            print(text, file=file or sys.stdout, flush=True)
+
+
+ANSWER = _Answer()
+
+
+def _let_the_server_catch_up(seconds: float = 15.0) -> None:
+    """Dask workers report their task runs to this process's temporary server as events, which
+    it records a moment later; before the server stops with this process, wait (a bounded time)
+    until every task run it knows is finished and their number holds still."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    deadline, seen = time.monotonic() + seconds, None
+    try:
+        with get_client(sync_client=True) as client:
+            while time.monotonic() < deadline:
+                runs = client.read_task_runs(sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=200)
+                now = (len(runs), sum(bool(r.state and r.state.is_final()) for r in runs))
+                if now == seen and now[0] == now[1]:
+                    return
+                seen = now
+                time.sleep(0.5)
+    except Exception as error:  # a courtesy to the run's records; never a reason to fail
+        logging.getLogger("inmap").debug("could not wait for the server's records: %s", error)
+
+
+def _embedded_api() -> bool:
+    """Whether this run uses a Prefect server this process starts (no PREFECT_API_URL)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return not PREFECT_API_URL.value()
+
+
+def _quoted(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
 
 
 # --- looking at results ---------------------------------------------------------------------
 
 
-def _output_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("output", help="the output prefix given to `inmap label --output`")
-    parser.add_argument(
-        "--storage-options", default=None, help="JSON dict of non-secret fsspec/s3fs options"
-    )
-    parser.add_argument(
-        "--credentials-block", default=None, help="a Prefect AwsCredentials block name"
-    )
+def _output_arguments(parser: argparse.ArgumentParser, *, formats: bool = True) -> None:
+    from inmap.options import MaintainRequest, StorageAccess
+
+    add_options(parser, MaintainRequest, positional="output", only={"output"})
+    add_options(parser, StorageAccess)
+    if formats:
+        parser.add_argument(
+            "--format",
+            choices=["table", "csv", "json", "parquet"],
+            default="table",
+            help="table for people; csv, json (an array of rows) or parquet for programs "
+            "(default: table)",
+        )
+        parser.add_argument(
+            "--to",
+            default=None,
+            metavar="FILE",
+            help="write to this file (default: stdout; parquet only when stdout is not a terminal)",
+        )
 
 
 def _storage_options(args: argparse.Namespace) -> dict | None:
-    from inmap.credentials import refuse_secrets
+    from inmap.credentials import merge_options
+    from inmap.options import StorageAccess
 
-    options = refuse_secrets(_json(args.storage_options, "--storage-options"))
-    if args.credentials_block:
+    access = StorageAccess.parse(_given(args, StorageAccess), flags=True)
+    block = None
+    if access.credentials_block:
         from tasks.credentials import block_options
 
-        options = {**options, **(block_options(args.credentials_block) or {})}
-    return options or None
+        block = block_options(access.credentials_block)
+    return merge_options(access.storage_options, block)
+
+
+def _given(args: argparse.Namespace, model) -> dict:
+    """The options of `model` that were given on the command line."""
+    return {name: value for name, value in vars(args).items() if name in model.model_fields}
 
 
 def _inmap_output(args: argparse.Namespace) -> None:
@@ -331,7 +360,8 @@ def _runs_command(args: argparse.Namespace) -> int:
     from inmap import results
 
     _inmap_output(args)
-    print(results.runs_text(args.output, _storage_options(args), limit=args.limit))
+    runs = results.recent_runs(args.output, _storage_options(args), limit=args.limit)
+    results.write_result(runs, args.format, args.to, results.runs_text)
     return 0
 
 
@@ -339,8 +369,13 @@ def _labels_command(args: argparse.Namespace) -> int:
     from inmap import results
 
     _inmap_output(args)
-    table = results.latest_labels(args.output, _storage_options(args), labelset=args.labelset)
-    results.write_labels(table, args.format, args.to)
+    table = results.latest_labels(
+        args.output,
+        _storage_options(args),
+        labelset=args.labelset,
+        unknown_only=args.unknown_only,
+    )
+    results.write_result(table, args.format, args.to, results.labels_text)
     return 0
 
 
@@ -348,15 +383,24 @@ def _errors_command(args: argparse.Namespace) -> int:
     from inmap import results
 
     _inmap_output(args)
-    print(results.errors_text(args.output, _storage_options(args), limit=args.limit))
+    errors = results.recent_errors(args.output, _storage_options(args), limit=None)
+    limited = errors.slice(0, args.limit)
+    results.write_result(
+        errors if args.format == "table" else limited,
+        args.format,
+        args.to,
+        lambda table: results.errors_text(table, args.limit),
+    )
     return 0
 
 
 def _maintain_command(args: argparse.Namespace) -> int:
     from inmap import maintenance
+    from inmap.options import MaintainRequest
 
+    request = MaintainRequest.parse(_given(args, MaintainRequest), flags=True)
     report = maintenance.maintain(
-        args.output, _storage_options(args), retention_hours=args.retention_hours
+        request.output, _storage_options(args), retention_hours=request.retention_hours
     )
     for line in report:
         print(line)
@@ -409,6 +453,19 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--templates", default="paper", help="'paper', 'openai' or a JSON list")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=64, help="images per model batch")
+    parser.add_argument(
+        "--open-set",
+        action="store_true",
+        help="also draw drops where some classes are unlisted, and report how well "
+        "unknown_score separates them (AUROC) and what the label-free threshold flags",
+    )
+    parser.add_argument(
+        "--vocabulary",
+        type=float,
+        default=None,
+        help="with --open-set: classes held out as the negative vocabulary, a count or a share "
+        "below 1 (default: half the classes)",
+    )
 
 
 def _eval_command(args: argparse.Namespace) -> int:
@@ -461,6 +518,22 @@ def _eval_command(args: argparse.Namespace) -> int:
         ),
     )
     print(format_table(table))
+    if args.open_set:
+        from inmap.evaluate import OPEN_SET_VOCABULARY, format_open_set_table, run_open_set_eval
+
+        vocabulary = OPEN_SET_VOCABULARY if args.vocabulary is None else args.vocabulary
+        open_set = run_open_set_eval(
+            labeled,
+            seeds=range(args.first_seed, args.first_seed + args.seeds),
+            vocabulary=int(vocabulary) if vocabulary >= 1 else vocabulary,
+            config=config,
+            progress=lambda r: print(
+                f"  open set, {r.unlisted_share:.0%} unlisted, seed {r.seed}: "
+                + ", ".join(f"AUROC {name} {value:.1f}" for name, value in r.auroc.items()),
+                file=sys.stderr,
+            ),
+        )
+        print(format_open_set_table(open_set))
     return 0
 
 
@@ -476,16 +549,6 @@ def _json(text: str | None, option: str):
         return json.loads(text)
     except ValueError as error:
         raise InputError(f"{option} is not valid JSON ({error}): {text}") from None
-
-
-def _hours(text: str) -> float:
-    try:
-        hours = float(text)
-    except ValueError:
-        hours = -1.0
-    if not hours >= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of hours >= 0")
-    return hours
 
 
 def _say_server_start() -> None:
@@ -519,7 +582,7 @@ def _report_error(error: Exception, args: argparse.Namespace) -> int:
     cause = _inmap_cause(error)
     if cause is None:
         raise error
-    print(f"inmap: error: {cause}", file=sys.stderr)
+    ANSWER.say(f"inmap: error: {cause}", sys.stderr)
     return EXIT_INPUT_ERROR if isinstance(cause, InputError) else EXIT_FAILED
 
 

@@ -24,12 +24,16 @@ STAGES = {  # stage -> (line shown, unit)
 }
 
 
-def run_with_console(flow: Callable, parameters: dict, *, live: bool = True):
-    """Call `flow(**parameters)` with a live display when stderr is a terminal."""
+def run_with_console(flow: Callable, parameters: dict, *, live: bool = True, verbose: bool = False):
+    """Call `flow(**parameters)` with a live display when stderr is a terminal. Unless
+    `verbose`, Prefect's own INFO lines stay in the run's logs and out of the console (to the
+    end of the process: the server's shutdown lines too)."""
     hidden = _ExpectedErrorTracebacks()
     handlers = _console_handlers()
     for handler in handlers:
         handler.addFilter(hidden)
+        if not verbose:
+            handler.addFilter(_quiet_prefect)
     try:
         if live and sys.stderr.isatty():
             with _LiveDisplay() as display:
@@ -149,6 +153,12 @@ class _ExpectedErrorTracebacks(logging.Filter):
             error = error.__cause__ or error.__context__
         message = record.getMessage()
         return not ("Failed(" in message and any(name in message for name in self.names))
+
+
+def _quiet_prefect(record: logging.LogRecord) -> bool:
+    """Prefect's INFO lines (run started, task finished, server started) are for the run logs;
+    inmap's own lines and every warning stay."""
+    return record.levelno >= logging.WARNING or not record.name.startswith("prefect")
 
 
 def _subclasses(cls: type) -> set[type]:

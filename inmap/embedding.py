@@ -11,6 +11,7 @@ another size are ignored, and their images embedded again.
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,7 +24,6 @@ from inmap.pairs import anti_join, semi_join
 from inmap.schemas import EMBEDDING_INDEX_SCHEMA
 
 logger = logging.getLogger(__name__)
-INDEX_DIR = "_index"
 
 
 @dataclass(frozen=True)
@@ -51,10 +51,11 @@ class ShardResult:
     failed: int  # decode failures and vanished objects: error rows, never blocking
     cached: bool
     unreadable: tuple[tuple[str, str], ...] = ()  # (uri, reason) still unreadable after retries
+    embedded_on: str = ""  # "host device" of the process that embedded it (empty when cached)
 
 
 def index_uri(job: Job) -> str:
-    return storage.join(layout.embedding_dir(job.output, job.model), INDEX_DIR)
+    return layout.index_uri(job.output, job.model)
 
 
 def embedding_index(job: Job) -> pa.Table:
@@ -65,9 +66,9 @@ def embedding_index(job: Job) -> pa.Table:
     memory is about the index's own: no join, no per-image strings built."""
     directory = layout.embedding_dir(job.output, job.model)
     files = {
-        storage.basename(url).removesuffix(".parquet"): size
+        layout.shard_id_of(url): size
         for url, size in storage.list_files(directory, job.options).items()
-        if url.endswith(".parquet")
+        if layout.shard_id_of(url) is not None
     }
     index = tables.read(index_uri(job), job.options)
     if index is None:
@@ -87,7 +88,7 @@ def embedding_index(job: Job) -> pa.Table:
     shard_ids = pc.dictionary_encode(index["shard_id"]).combine_chunks()
     shard_uris = pa.DictionaryArray.from_arrays(
         shard_ids.indices,
-        pa.array([f"{directory}/{sid}.parquet" for sid in shard_ids.dictionary.to_pylist()]),
+        pa.array([layout.shard_uri_in(directory, sid) for sid in shard_ids.dictionary.to_pylist()]),
     )
     return pa.table({"uri": index["uri"], "etag": index["etag"], "shard_uri": shard_uris})
 
@@ -129,13 +130,13 @@ def _index_rows(pairs: pa.Table, shard_id: str, shard_bytes: int) -> pa.Table:
 def plan_embedding(
     manifest: pa.Table, index: pa.Table, known_failures: pa.Table, job: Job
 ) -> EmbeddingPlan:
-    """Cut the listed images with no embedding yet into shards of at most `job.shard_size`.
+    """Cut the listed images with no embedding yet into shards of at most `job.settings.shard_size`.
 
     Only new or changed objects are planned, so a new drop embeds only itself and a rerun after a
     crash resumes where it stopped. Sorting by uri keeps the plan, and so the shard ids, stable.
     Images that failed to decode before (`known_failures`, stage "decode") are skipped until they
     change; those whose read failed are tried again."""
-    from inmap.encoder import load_encoder
+    from inmap.encoder import preprocessing_id as preprocessing_of
 
     decode = failures.decode_failures(known_failures)
     pending = anti_join(anti_join(manifest, index), decode).sort_by("uri")
@@ -146,13 +147,13 @@ def plan_embedding(
     )
     if pending.num_rows == 0:
         return EmbeddingPlan([], cached, skipped, index)
-    preprocessing_id = load_encoder(job.model).preprocessing_id
+    preprocessing_id = preprocessing_of(job.model)
     uris = pending["uri"].to_pylist()
     etags = pending["etag"].to_pylist()
     shards = []
-    for start in range(0, len(uris), job.shard_size):
-        chunk_uris = tuple(uris[start : start + job.shard_size])
-        chunk_etags = tuple(etags[start : start + job.shard_size])
+    for start in range(0, len(uris), job.settings.shard_size):
+        chunk_uris = tuple(uris[start : start + job.settings.shard_size])
+        chunk_etags = tuple(etags[start : start + job.settings.shard_size])
         shard_id = layout.shard_id(chunk_uris, chunk_etags, job.model, preprocessing_id)
         retrying = tuple(uri for uri in chunk_uris if uri in unread)
         shards.append(ShardPlan(shard_id, chunk_uris, chunk_etags, retrying))
@@ -203,6 +204,7 @@ def embed_shard(
         len(result.failures) - len(unreadable),
         cached=False,
         unreadable=unreadable,
+        embedded_on=f"{socket.gethostname()} {encoder.device}",
     )
 
 

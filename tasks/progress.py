@@ -3,6 +3,7 @@ progress artifact, so the UI shows how far a long shard or fit has got."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -12,6 +13,11 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from inmap import progress
 
 ARTIFACT_SECONDS = 3.0  # at most one artifact update per task this often
+
+
+def artifact_key(stage: str, piece: str) -> str:
+    """A key `prefect artifact ls` lists: lowercase letters, digits and dashes."""
+    return re.sub(r"[^a-z0-9-]+", "-", f"inmap-{stage}-{piece}".lower())[:100].strip("-")
 
 
 @contextmanager
@@ -28,7 +34,9 @@ def stage_progress(stage: str, piece: str, what: str) -> Iterator[Callable[[int,
         text = f"{what}: {done}/{total}"
         try:
             if state["artifact"] is None:
-                state["artifact"] = create_progress_artifact(percent, description=text)
+                state["artifact"] = create_progress_artifact(
+                    percent, key=artifact_key(stage, piece), description=text
+                )
             else:
                 update_progress_artifact(state["artifact"], percent, description=text)
         except Exception:  # progress is a courtesy; it never fails a task

@@ -11,41 +11,38 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-import numpy as np
 import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from inmap import (
     embedding,
+    errors,
     failures,
     learning,
     lease,
     listing,
     maintenance,
     prediction,
+    prepare,
     progress,
     report,
     storage,
     tables,
 )
-from inmap.credentials import refuse_secrets
-from inmap.errors import InputError, OutputBusyError, UnreadableImagesError
-from inmap.job import Job, JobRequest, make_job
+from inmap.credentials import merge_options
+from inmap.job import Job
+from inmap.options import MaintainRequest, RunRequest
 from tasks import credentials
 from tasks.progress import stage_progress
 
-NEVER_RETRIED = (InputError, UnreadableImagesError, OutputBusyError)
-
 
 def is_transient(task, task_run, state) -> bool:
-    """Prefect retry condition: retry everything but what waiting cannot fix."""
+    """Prefect retry condition: the error's kind decides (`inmap.errors.is_transient`)."""
     try:
         state.result(raise_on_failure=True)
-    except NEVER_RETRIED:
-        return False
-    except Exception:
-        return True
+    except Exception as error:
+        return errors.is_transient(error)
     return True
 
 
@@ -77,9 +74,9 @@ def stage(name: str, **options) -> Callable:
 
 
 @stage("prepare-job")
-def prepare_job(request: JobRequest) -> Job:
+def prepare_job(request: RunRequest, run_id: str) -> Job:
     block = credentials.block_options(request.credentials_block)
-    return make_job(request, block)
+    return prepare.prepare_job(request, run_id, block)
 
 
 @stage("tidy-output")
@@ -90,7 +87,7 @@ def tidy_output(job: Job) -> list[str]:
 
 @stage("list-images")
 def list_images(job: Job) -> listing.Listing:
-    mark = report.listing_mark(job) if job.listing == "after-last" else None
+    mark = report.listing_mark(job) if job.settings.listing == "after-last" else None
     found = listing.list_images(job.source, job.options, start_after=mark)
     progress.reporter("list", job.source)(len(found), len(found))
     failures.record_listing_problems(found.problems, job)
@@ -132,11 +129,6 @@ def vision_proxy(
         return learning.vision_proxy(manifest, index, to_predict, job, on_step)
 
 
-@stage("text-proxy")
-def text_proxy(job: Job) -> np.ndarray:
-    return learning.build_text_proxy(job)
-
-
 @stage("predict-shard", task_run_name="predict-{plan.shard_id}")
 def predict_shard(
     plan: prediction.PredictionPlan, proxy: learning.ProxyArtifact, job: Job
@@ -159,14 +151,7 @@ def record_run(summary: report.RunSummary, job: Job) -> None:
 
 
 @stage("maintain")
-def maintain(
-    output: str,
-    storage_options: dict | None,
-    credentials_block: str | None,
-    retention_hours: float,
-) -> list[str]:
-    options = {
-        **refuse_secrets(storage_options),
-        **(credentials.block_options(credentials_block) or {}),
-    }
-    return maintenance.maintain(output, options or None, retention_hours=retention_hours)
+def maintain(request: MaintainRequest) -> list[str]:
+    block = credentials.block_options(request.credentials_block)
+    options = merge_options(request.storage_options, block)
+    return maintenance.maintain(request.output, options, retention_hours=request.retention_hours)

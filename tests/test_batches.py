@@ -34,8 +34,8 @@ def failures_of(result) -> dict[str, str]:
     return {uri: failure.stage for uri, _, failure in result.failures}
 
 
-def test_embeddings_match_open_clip_reference_preprocessing(tiny, sample_images):
-    paths = sample_images[:8]
+def test_embeddings_match_open_clip_reference_preprocessing(tiny, real_images):
+    paths = real_images[:8]
     with torch.inference_mode():
         reference = torch.stack([tiny.preprocess(Image.open(p)) for p in paths])
         expected = torch.nn.functional.normalize(tiny.model.encode_image(reference), dim=-1)
@@ -58,11 +58,11 @@ def _with_preprocessing(encoder, preprocessing):
     return replace(encoder, preprocessing=preprocessing)
 
 
-def test_every_failure_becomes_an_error_row_and_order_is_kept(tiny, sample_images, tmp_path):
-    good = [str(p) for p in sample_images[:5]]
+def test_every_failure_becomes_an_error_row_and_order_is_kept(tiny, real_images, tmp_path):
+    good = [str(p) for p in real_images[:5]]
     (tmp_path / "zero.jpg").write_bytes(b"")
     (tmp_path / "text.jpg").write_text("not an image")
-    (tmp_path / "cut.jpg").write_bytes(sample_images[5].read_bytes()[:5000])
+    (tmp_path / "cut.jpg").write_bytes(real_images[5].read_bytes()[:5000])
     bad = {
         str(tmp_path / "zero.jpg"): "decode",
         str(tmp_path / "text.jpg"): "decode",
@@ -88,8 +88,8 @@ def test_every_failure_becomes_an_error_row_and_order_is_kept(tiny, sample_image
     assert "missing.jpg" in reasons[str(tmp_path / "missing.jpg")]
 
 
-def test_embedding_table_schema_sizes_and_metadata(tiny, sample_images):
-    path = sample_images[0]
+def test_embedding_table_schema_sizes_and_metadata(tiny, real_images):
+    path = real_images[0]
     result = embed_images(tiny, [(str(path), "e1")])
     embeddings = result.embeddings
 
@@ -115,8 +115,8 @@ def test_no_items_give_empty_tables(tiny):
     assert result.embeddings.schema.remove_metadata().equals(embedding_schema(64))
 
 
-def test_batch_size_and_worker_count_do_not_change_embeddings(tiny, sample_images):
-    items = [(str(p), "e") for p in sample_images[:11]]
+def test_batch_size_and_worker_count_do_not_change_embeddings(tiny, real_images):
+    items = [(str(p), "e") for p in real_images[:11]]
 
     one_by_one = embed_images(
         tiny, items, throughput=Throughput(batch_size=1, num_workers=1)
@@ -129,11 +129,11 @@ def test_batch_size_and_worker_count_do_not_change_embeddings(tiny, sample_image
 
 
 def test_images_in_s3_embed_like_local_files(
-    tiny, sample_images, s3_bucket, s3_storage_options, tmp_path
+    tiny, real_images, s3_bucket, s3_storage_options, tmp_path
 ):
     root = f"s3://{s3_bucket}"
     local_items, s3_items = [], []
-    for path in sample_images[:6]:
+    for path in real_images[:6]:
         url = f"{root}/drop/{path.name}"
         storage.write_bytes_atomic(path.read_bytes(), url, s3_storage_options)
         local_copy = tmp_path / path.name

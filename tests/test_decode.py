@@ -120,15 +120,15 @@ def test_other_listed_formats_decode(format):
     assert _close(image.getpixel((5, 20)), (255, 0, 0), tolerance=40)
 
 
-def test_truncated_real_jpeg_is_a_decode_error(sample_images):
-    data = sample_images[0].read_bytes()
+def test_truncated_real_jpeg_is_a_decode_error(real_images):
+    data = real_images[0].read_bytes()
 
     with pytest.raises(DecodeError, match="truncated"):
         load_image(data[: len(data) // 2])
 
 
-def test_jpeg_with_scrambled_headers_is_a_decode_error(sample_images):
-    data = sample_images[1].read_bytes()
+def test_jpeg_with_scrambled_headers_is_a_decode_error(real_images):
+    data = real_images[1].read_bytes()
     noise = np.random.default_rng(0).integers(0, 256, size=len(data) - 300, dtype=np.uint8)
     scrambled = data[:300] + noise.tobytes()  # SOI and the first segments survive, tables do not
 

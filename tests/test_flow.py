@@ -67,11 +67,11 @@ def test_second_run_recomputes_no_embedding_and_reuses_the_proxy(image_folder, t
     assert read_delta(output / "predictions").height == 12
 
 
-def test_new_drop_embeds_and_labels_only_new_images(image_folder, tmp_path, sample_images):
+def test_new_drop_embeds_and_labels_only_new_images(image_folder, tmp_path, real_images):
     output = tmp_path / "out"
     [first] = run(image_folder, output)
     committed = read_delta(output / "predictions")
-    for path in sample_images[500:503]:
+    for path in real_images[1:4]:  # not among image_folder's, which are evenly spaced from 0
         shutil.copy(path, image_folder / path.name)
     [summary] = run(image_folder, output)
     assert summary.embedded == 3 and summary.predicted == 3
@@ -168,17 +168,18 @@ def test_input_mistakes_are_not_retried_but_storage_failures_are():
     for mistake in never:
         assert not is_transient(None, None, Failed(data=mistake))
     assert is_transient(None, None, Failed(data=OSError("connection reset")))
-    assert is_transient(None, None, Failed(data=storage.StorageError("s3://b: timed out")))
+    assert is_transient(None, None, Failed(data=storage.Transient("s3://b: timed out")))
+    assert not is_transient(None, None, Failed(data=storage.NotFound("s3://b/x: not found")))
 
 
-def test_relearn_policies(image_folder, tmp_path, sample_images):
+def test_relearn_policies(image_folder, tmp_path, real_images):
     output = tmp_path / "out"
     [first] = run(image_folder, output)
-    shutil.copy(sample_images[600], image_folder / sample_images[600].name)  # 1 new on 12
+    shutil.copy(real_images[5], image_folder / real_images[5].name)  # 1 new on 12
     [grown] = run(image_folder, output)
     assert not grown.proxy_learned and grown.proxy_id == first.proxy_id
     assert "within 10%" in grown.proxy_reason
-    shutil.copy(sample_images[601], image_folder / sample_images[601].name)
+    shutil.copy(real_images[6], image_folder / real_images[6].name)
     [always] = run(image_folder, output, relearn="always")
     assert always.proxy_learned and always.proxy_id != first.proxy_id
     rows = read_delta(output / "predictions").sort("predicted_at")

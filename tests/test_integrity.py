@@ -23,6 +23,7 @@ from deltalake import DeltaTable
 
 from inmap import tables
 from inmap.errors import UnreadableImagesError
+from inmap.options import RunOptions
 from tests.conftest import REPO_ROOT, one_row_per_image, read_delta
 from tests.faults import FAULT_KINDS, FaultProxy
 
@@ -45,10 +46,9 @@ def copy_images(sample_images, folder: Path, count: int, step: int) -> Path:
 def run_flow(source, output, **overrides):
     """The flow in this process (under prefect_harness), with the tiny model."""
     from flows.inmap_flow import inmap_flow
-    from inmap.config import ProxyConfig
 
     params = {**TINY, "source": str(source), "classes": CLASSES, "output": str(output),
-              "hyperparameters": ProxyConfig(iters=50), "shard_size": 4}  # fmt: skip
+              "iters": 50, "shard_size": 4}  # fmt: skip
     return inmap_flow(**{**params, **overrides})
 
 
@@ -289,7 +289,7 @@ def test_a_commit_retried_after_its_response_was_lost_adds_no_duplicate(
         model=resolve_model("inmap-tiny", None, "cpu"),
         classes=("dog", "cat"),
         run_id="run-1",
-        storage_options=options,
+        settings=RunOptions(storage_options=options),
     )
     rows = prediction_rows(job, 12)
     applied = lose_first_response(monkeypatch)

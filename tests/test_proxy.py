@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from benchmarks.reference import literal_inmap
 from inmap.config import FitOptions, ProxyConfig
 from inmap.proxy import PSEUDO_LABELERS, fit_vision_proxy, learn_vision_proxy, predict
 from inmap.schemas import embedding_schema
@@ -32,33 +33,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def literal_inmap(X, T, *, refine="sinkhorn", tau_t=0.01, tau_i=0.04, alpha=0.6, gamma=0.0,
-                  lr=10.0, iters=2000, sinkhorn_iters=20):  # fmt: skip
-    """InMaP as DESIGN.md states it, in float64: the vision proxy W (C, d)."""
-    X = torch.nn.functional.normalize(torch.as_tensor(X, dtype=torch.float64), dim=1)
-    T = torch.nn.functional.normalize(torch.as_tensor(T, dtype=torch.float64), dim=1)
-    n, C = X.shape[0], T.shape[0]
-    P = torch.softmax(X @ T.T / tau_t, dim=1)
-    if refine == "sinkhorn":
-        q = (P / n).sum(0) ** gamma if gamma > 0 else torch.ones(C, dtype=torch.float64)
-        q = q / q.sum()
-        Q = P / n
-        for _ in range(sinkhorn_iters):
-            Q = Q * (q / Q.sum(0))
-            Q = Q / (n * Q.sum(1, keepdim=True))
-        P = Q * n
-    top, cls = P.max(1)
-    P = torch.where((top > alpha)[:, None], torch.nn.functional.one_hot(cls, C).double(), P)
-    W, previous = T.clone(), float("inf")
-    for _ in range(iters):
-        G = torch.softmax(X @ W.T / tau_i, dim=1).T @ X - P.T @ X
-        if G.norm() > previous:
-            lr /= 2
-        previous = G.norm()
-        W = torch.nn.functional.normalize(W - lr / (n * tau_i) * G, dim=1)
-    return W
 
 
 def row_cosines(a, b) -> torch.Tensor:

@@ -296,8 +296,8 @@ def label_cli(processes: Processes, name: str, env: dict, *args: str):
     )
 
 
-def upload_drop(fs: s3fs.S3FileSystem, bucket: str, sample_images, count: int = 4) -> None:
-    for path in sample_images[:count]:
+def upload_drop(fs: s3fs.S3FileSystem, bucket: str, real_images, count: int = 4) -> None:
+    for path in real_images[:count]:
         fs.pipe(f"{bucket}/incoming/{path.name}", path.read_bytes())
     fs.pipe(f"{bucket}/classes.txt", b"fish\nbird\nreptile\n")
 
@@ -431,10 +431,10 @@ class TestServedWithACredentialsBlock:
         assert places_with(key_id, everywhere) == []
 
     def test_a_deployment_run_with_a_secret_parameter_is_refused_before_it_is_stored(
-        self, served, s3_bucket, s3_storage_options, moto_endpoint, sample_images
+        self, served, s3_bucket, s3_storage_options, moto_endpoint, real_images
     ):
         fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_storage_options)
-        upload_drop(fs, s3_bucket, sample_images)
+        upload_drop(fs, s3_bucket, real_images)
         _, secret = new_markers()
         params = {
             "source": f"s3://{s3_bucket}/incoming",
@@ -480,10 +480,10 @@ class TestServedWithACredentialsBlock:
         s3_storage_options,
         s3_endpoint_options,
         moto_endpoint,
-        sample_images,
+        real_images,
     ):
         fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_storage_options)
-        upload_drop(fs, s3_bucket, sample_images)
+        upload_drop(fs, s3_bucket, real_images)
         env, processes = served.env, served.processes
         # Without the block, these processes have no way to reach the bucket.
         probe = processes.run(
@@ -538,10 +538,10 @@ class TestServedWithACredentialsBlock:
 
 @pytest.mark.slow
 def test_environment_credentials_label_s3_and_go_nowhere(
-    tmp_path, s3_bucket, s3_storage_options, s3_endpoint_options, sample_images
+    tmp_path, s3_bucket, s3_storage_options, s3_endpoint_options, real_images
 ):
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_storage_options)
-    upload_drop(fs, s3_bucket, sample_images)
+    upload_drop(fs, s3_bucket, real_images)
     key_id, secret = new_markers()
     processes = Processes(tmp_path / "logs")
     home = tmp_path / "prefect-home"
@@ -692,10 +692,10 @@ def test_no_pickle_under_prefect_home_or_the_output_after_good_and_failing_runs(
 CLASSES = ["fish", "bird", "dog", "car", "food"]
 
 
-def five_images(tmp_path: Path, sample_images) -> Path:
+def five_images(tmp_path: Path, real_images) -> Path:
     folder = tmp_path / "five"
     folder.mkdir()
-    for path in sample_images[:: len(sample_images) // 5][:5]:
+    for path in real_images[:: len(real_images) // 5][:5]:
         shutil.copy(path, folder / path.name)
     return folder
 
@@ -708,7 +708,7 @@ def checkpoint_cache(tmp_path, monkeypatch):
 
 @pytest.mark.usefixtures("prefect_harness", "checkpoint_cache")
 def test_a_checkpoint_replaced_at_the_same_path_re_embeds_and_relabels_everything(
-    tmp_path, sample_images
+    tmp_path, real_images
 ):
     import numpy as np
     import torch
@@ -724,7 +724,7 @@ def test_a_checkpoint_replaced_at_the_same_path_re_embeds_and_relabels_everythin
         tiny = load_encoder("inmap-tiny", None, device="cpu")
     weights = tmp_path / "weights.pt"
     torch.save(tiny.model.state_dict(), weights)
-    source, output = five_images(tmp_path, sample_images), tmp_path / "out"
+    source, output = five_images(tmp_path, real_images), tmp_path / "out"
     params = {"source": str(source), "classes": CLASSES, "output": str(output),
               "model": "inmap-tiny", "pretrained": str(weights), "device": "cpu"}  # fmt: skip
     [first] = inmap_flow(**params)
@@ -792,10 +792,10 @@ def test_a_checkpoint_replaced_with_its_size_and_mtime_kept_is_still_known_by_it
 
 
 @pytest.mark.usefixtures("prefect_harness")
-def test_no_weights_spelled_none_or_as_a_string_share_one_embedding_cache(tmp_path, sample_images):
+def test_no_weights_spelled_none_or_as_a_string_share_one_embedding_cache(tmp_path, real_images):
     from flows.inmap_flow import inmap_flow
 
-    source, output = five_images(tmp_path, sample_images), tmp_path / "out"
+    source, output = five_images(tmp_path, real_images), tmp_path / "out"
     params = {"source": str(source), "classes": CLASSES, "output": str(output),
               "model": "inmap-tiny", "device": "cpu"}  # fmt: skip
     [first] = inmap_flow(**params, pretrained=None)
@@ -809,12 +809,12 @@ def test_no_weights_spelled_none_or_as_a_string_share_one_embedding_cache(tmp_pa
 
 
 @pytest.mark.usefixtures("prefect_harness")
-def test_broken_symlinks_named_like_images_become_list_error_rows(tmp_path, sample_images):
+def test_broken_symlinks_named_like_images_become_list_error_rows(tmp_path, real_images):
     from flows.inmap_flow import inmap_flow
 
     source = tmp_path / "drop"
     source.mkdir()
-    for path in sample_images[:3]:
+    for path in real_images[:3]:
         shutil.copy(path, source / path.name)
     (source / "ghost.jpg").symlink_to(source / "deleted.jpg")
     (source / "sub").mkdir()
