@@ -46,8 +46,36 @@ def main(argv: list[str] | None = None) -> int:
         gc.freeze()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but an unknown option is one line that names the nearest known one."""
+
+    def error(self, message: str):
+        import difflib
+        import re
+
+        if message.startswith("unrecognized arguments:"):
+            known = {flag for parser in _parsers(self) for action in parser._actions
+                     for flag in action.option_strings}  # fmt: skip
+            for typo in re.findall(r"(--[\w-]+)", message):
+                near = difflib.get_close_matches(typo, known, n=1)
+                if near:
+                    message += f" (did you mean {near[0]}?)"
+            message += "; see inmap COMMAND --help"
+            self.exit(2, f"{self.prog}: error: {message}\n")
+        super().error(message)
+
+
+def _parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found += _parsers(sub)
+    return found
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="inmap",
         description="Label images in object storage with CLIP and InMaP vision proxies.",
     )

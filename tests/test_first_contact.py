@@ -191,3 +191,13 @@ def test_s3_without_any_credentials_is_one_line_and_never_retried(moto_endpoint,
     assert len(errors) == 1 and "NoCredentialsError" in errors[0], done.stderr
     assert "Traceback" not in done.stderr and "Retrying" not in done.stderr
     assert time.monotonic() - start < 120
+
+
+def test_a_misspelt_option_is_one_line_naming_the_nearest(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["label", "x", "--classes", "c", "--output", "o", "--batch-sise", "3"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "inmap: error: unrecognized arguments: --batch-sise 3 (did you mean --batch-size?); "
+        "see inmap COMMAND --help"
+    ]
