@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 from prefect_dask import DaskTaskRunner
@@ -75,11 +76,28 @@ class InmapDaskTaskRunner(DaskTaskRunner):
             self.checked = True
         return client
 
+    def __exit__(self, *exc_info) -> None:
+        # A worker sends its task runs' states to the API as events, from a queue of its own;
+        # flush them before the run ends, or a temporary server that stops with this process
+        # never hears of the last ones.
+        if self._client is not None:
+            # A worker gone, or a client closing: the run's result stands.
+            with contextlib.suppress(Exception):
+                self._client.run(_flush_prefect_reports)
+        super().__exit__(*exc_info)
+
     def submit(self, task, parameters, wait_for=None, dependencies=None):
         future = super().submit(task, parameters, wait_for, dependencies)
         return ClusterFuture(
             wrapped_future=future.wrapped_future, task_run_id=future.task_run_id, runner=self
         )
+
+
+def _flush_prefect_reports(seconds: float = 10.0) -> None:
+    """On a worker: send what Prefect's background queues (events, logs) still hold."""
+    from prefect._internal.concurrency.services import QueueService
+
+    QueueService.drain_all(timeout=seconds)
 
 
 class ClusterFuture(PrefectDaskFuture):

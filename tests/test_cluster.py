@@ -186,7 +186,7 @@ def dask_cluster(processes, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def bucket_images(moto_endpoint, sample_images):
+def bucket_images(moto_endpoint, real_images):
     """12 real JPEGs and one broken file in a fresh moto bucket."""
     import uuid
 
@@ -195,9 +195,9 @@ def bucket_images(moto_endpoint, sample_images):
     )
     bucket = f"cluster-{uuid.uuid4().hex[:10]}"
     fs.mkdir(bucket)
-    for path in sample_images[::83][:12]:
+    for path in real_images[:: len(real_images) // 12][:12]:
         fs.pipe(f"{bucket}/drop/{path.name}", path.read_bytes())
-    fs.pipe(f"{bucket}/drop/broken.jpg", sample_images[0].read_bytes()[:1000])
+    fs.pipe(f"{bucket}/drop/broken.jpg", real_images[0].read_bytes()[:1000])
     return bucket
 
 
@@ -321,13 +321,13 @@ def test_cluster_run_equals_the_thread_run_and_reports_to_the_server(
 
 
 def test_with_the_embedded_server_the_workers_report_to_it(
-    dask_cluster, processes, tmp_path, sample_images
+    dask_cluster, processes, tmp_path, real_images
 ):
     """No PREFECT_API_URL: the command line's temporary server is the run's API, and the workers
     (on this machine) report to it rather than each starting one of their own."""
     images = tmp_path / "images"
     images.mkdir()
-    for path in sample_images[2::97][:6]:
+    for path in real_images[2 :: len(real_images) // 6][:6]:
         shutil.copy(path, images / path.name)
     env = base_env(tmp_path / "client")
     done = inmap_label(env, str(images), str(tmp_path / "out"), "--shard-size", "3",
@@ -389,11 +389,11 @@ def test_a_worker_without_inmap_is_named_within_a_minute(processes, prefect_api,
     processes.kill("bare-scheduler")
 
 
-def test_relative_local_paths_are_the_clients(dask_cluster, prefect_api, tmp_path, sample_images):
+def test_relative_local_paths_are_the_clients(dask_cluster, prefect_api, tmp_path, real_images):
     """Given in the client's directory; every worker sees them there (a shared filesystem), not in
     its own working directory."""
     client_dir = tmp_path / "client"
-    copy_images(sample_images[7::211][:4], client_dir / "images")
+    copy_images(real_images[7 :: len(real_images) // 4][:4], client_dir / "images")
     done = inmap_label(client_env(prefect_api, tmp_path), "images", "out", "--shard-size", "2",
                        "--dask-address", dask_cluster["address"], cwd=client_dir)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
@@ -403,9 +403,9 @@ def test_relative_local_paths_are_the_clients(dask_cluster, prefect_api, tmp_pat
 
 
 def test_a_worker_killed_mid_run_loses_nothing(
-    dask_cluster, processes, prefect_api, tmp_path, sample_images
+    dask_cluster, processes, prefect_api, tmp_path, real_images
 ):
-    images = copy_images(sample_images[::25][:40], tmp_path / "images")
+    images = copy_images(real_images[:40], tmp_path / "images")
     output = tmp_path / "out"
     run = start_label(prefect_api, tmp_path, images, output, dask_cluster["address"])
     wait_for(lambda: len(shard_files(output)) >= 2, 300, "the first shards", run)
@@ -423,9 +423,9 @@ def test_a_worker_killed_mid_run_loses_nothing(
 
 
 def test_a_cluster_that_loses_all_its_workers_fails_in_bounded_time(
-    dask_cluster, processes, prefect_api, tmp_path, sample_images
+    dask_cluster, processes, prefect_api, tmp_path, real_images
 ):
-    images = copy_images(sample_images[1::25][:40], tmp_path / "images")
+    images = copy_images(real_images[-40:], tmp_path / "images")
     output = tmp_path / "out"
     run = start_label(prefect_api, tmp_path, images, output, dask_cluster["address"])
     wait_for(lambda: shard_files(output), 300, "the first shard", run)

@@ -55,10 +55,10 @@ def fresh_server(tmp_path_factory):
 
 
 def test_a_process_worker_runs_label_bucket_from_the_pool(
-    fresh_server, moto_endpoint, s3_bucket, s3_storage_options, sample_images, tmp_path
+    fresh_server, moto_endpoint, s3_bucket, s3_storage_options, real_images, tmp_path
 ):
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_storage_options)
-    for path in sample_images[5::120][:6]:
+    for path in real_images[5 :: len(real_images) // 6][:6]:
         fs.pipe(f"{s3_bucket}/drops/{path.name}", path.read_bytes())
     fs.pipe(f"{s3_bucket}/classes.txt", b"fish\nbird\ndog\n")
 
