@@ -15,10 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from inmap.config import ProxyConfig
-from inmap.evaluate import DEFAULT_METHODS, SCENARIOS, LabeledSet, format_table, run_eval
+from inmap.evaluate import DEFAULT_METHODS, SCENARIOS, format_table, run_eval
+from inmap.labeled import load_labeled_set
 
 DEV_SET = (
     Path(__file__).resolve().parents[1].parent / "shared" / "data" / "clip-vitb32-imagenet500.npz"
@@ -35,13 +34,7 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=None, help="default: the paper's 2000")
     args = parser.parse_args()
 
-    with np.load(args.features, allow_pickle=False) as data:
-        labeled = LabeledSet(
-            data["image_features"].astype(np.float32),
-            data["labels"],
-            data["text_proxy"].astype(np.float32),
-            list(data["classnames"]),
-        )
+    labeled = load_labeled_set(args.features)
     config = ProxyConfig() if args.iters is None else ProxyConfig(iters=args.iters)
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     started = time.perf_counter()
