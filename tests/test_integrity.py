@@ -97,6 +97,21 @@ def finish(process: subprocess.Popen, log: Path, timeout: float = 600) -> tuple[
     return process.returncode, log.read_text()
 
 
+def wait_for(condition, timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting:\n{log.read_text()[-4000:]}")
+        time.sleep(0.1)
+
+
+def holds_lease(output: Path) -> bool:
+    try:
+        return bool(live_leases(output))
+    except ValueError:  # caught mid-write
+        return False
+
+
 def live_leases(output: Path) -> list[str]:
     now = time.time()
     return [
@@ -209,8 +224,20 @@ def test_two_overlapping_runs_on_one_output_label_and_embed_each_image_once(
     output = tmp_path / "out"
     args = ["--shard-size", "2", "--iters", "50", "--lease-wait", str(lease_wait)]
     logs = [tmp_path / "first.log", tmp_path / "second.log"]
-    runs = [start(label_command(source, output, *args), prefect_server, log) for log in logs]
-    results = [finish(run, log) for run, log in zip(runs, logs, strict=True)]
+    # The overlap is made certain, not left to timing: the first run is frozen (SIGSTOP) while it
+    # holds the lease, the second starts, meets the lease (waits, or gives up), and only then does
+    # the first go on. On a quick machine the first otherwise finished before the second began.
+    first = start(label_command(source, output, *args), prefect_server, logs[0])
+    wait_for(lambda: holds_lease(output) or first.poll() is not None, 300, logs[0])
+    assert first.poll() is None, logs[0].read_text()[-4000:]
+    os.killpg(first.pid, signal.SIGSTOP)
+    try:
+        second = start(label_command(source, output, *args), prefect_server, logs[1])
+        wait_for(lambda: "is in use by" in logs[1].read_text() or second.poll() is not None, 300,
+                 logs[1])  # fmt: skip
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
+    results = [finish(run, log) for run, log in zip((first, second), logs, strict=True)]
 
     codes = sorted(code for code, _ in results)
     assert codes == ([0, 0] if lease_wait else [0, 1]), results
