@@ -345,7 +345,9 @@ def test_one_class_is_refused():
         fit_vision_proxy(X, T[:1])
 
 
-@pytest.mark.parametrize("empty", [torch.zeros(0, 32), [], lambda: iter([])], ids=repr)
+@pytest.mark.parametrize(
+    "empty", [torch.zeros(0, 32), [], lambda: iter([])], ids=["tensor", "list", "stream"]
+)
 def test_no_images_is_refused(empty):
     _, T, _ = synthetic(d=32)
     with pytest.raises(ValueError, match="no image features"):
