@@ -16,10 +16,11 @@ import argparse
 import importlib
 import json
 import os
-import sys
 
 from deployments.definitions import DEFINITIONS, SERVED_PARAMETERS, Definition
+from inmap.cli import add_options
 from inmap.errors import InputError
+from inmap.options import RunnerOptions
 
 # A run whose process was killed must not hold label-bucket's concurrency slot: Prefect renews a
 # running run's slot for 300 s at a time, and only a final state frees it at once. So served runs
@@ -34,11 +35,11 @@ def build_deployments(
     *,
     parameters: dict | None = None,
     cron: dict[str, str | None] | None = None,
-    task_runner: str = "thread",
-    dask_address: str | None = None,
+    runner: RunnerOptions | None = None,
 ):
     """The deployments of DEFINITIONS; `parameters` (source, classes, output, ...) become the
-    defaults of those that take them. `cron` overrides schedules by deployment name."""
+    defaults of those that take them. `cron` overrides schedules by deployment name. `runner`'s
+    given options are exported as the INMAP_* variables a served run reads."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
     from inmap.credentials import refuse_secrets
@@ -46,10 +47,13 @@ def build_deployments(
     parameters = dict(parameters or {})
     refuse_secrets(parameters.get("storage_options"))
     # Served runs load the flow afresh in their own process, which reads these variables.
-    if task_runner != "thread":  # the default needs no variable (and must not veto an address)
-        os.environ["INMAP_TASK_RUNNER"] = task_runner
-    if dask_address:
-        os.environ["INMAP_DASK_ADDRESS"] = dask_address
+    if runner is not None:
+        runner.runner  # noqa: B018  (refuses contradicting options here, not in every run)
+        for name in runner.model_fields_set:
+            value = getattr(runner, name)
+            os.environ[RunnerOptions.ENVIRONMENT[name]] = (
+                ("1" if value else "") if isinstance(value, bool) else str(value)
+            )
     deployments = []
     for definition in DEFINITIONS:
         defaults = {
@@ -86,7 +90,7 @@ def _flow_of(definition: Definition):
     return getattr(importlib.import_module(module), name)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     env = os.environ.get
     parser = argparse.ArgumentParser(
         prog="python -m deployments.serve",
@@ -117,9 +121,13 @@ def main(argv: list[str] | None = None) -> None:
         help="name of a Prefect AwsCredentials block for S3",
     )
     parser.add_argument("--params", default=None, help="JSON dict of further flow parameters")
-    parser.add_argument("--task-runner", choices=["thread", "dask"], default="thread")
-    parser.add_argument("--dask-address", default=env("INMAP_DASK_ADDRESS"))
-    args = parser.parse_args(argv)
+    add_options(parser, RunnerOptions)  # --task-runner, --dask-address, ... as `inmap label` has
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    options = parser()
+    args = options.parse_args(argv)
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "inmap")  # progress in run logs
     os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_SECONDS))
     parameters = json.loads(args.params) if args.params else {}
@@ -135,15 +143,12 @@ def main(argv: list[str] | None = None) -> None:
         cron["maintain"] = args.maintain_cron or None
     from prefect import serve
 
+    given = {name: getattr(args, name) for name in RunnerOptions.model_fields if name in args}
     try:
-        deployments = build_deployments(
-            parameters=parameters,
-            cron=cron,
-            task_runner=args.task_runner,
-            dask_address=args.dask_address,
-        )
-    except InputError as error:  # secrets in --storage-options: one line, nothing served
-        sys.exit(f"deployments.serve: error: {error}")
+        runner = RunnerOptions.parse(given, flags=True)
+        deployments = build_deployments(parameters=parameters, cron=cron, runner=runner)
+    except InputError as error:  # a bad option, or secrets in --storage-options: nothing served
+        options.exit(2, f"deployments.serve: error: {error}\n")
     ensure_zombie_automation()
     crash_runs_left_behind([d.name for d in deployments])
     serve(*deployments, heartbeat_seconds=HEARTBEAT_SECONDS)

@@ -47,3 +47,36 @@ def test_served_deployments_follow_the_definitions():
     assert label_bucket.parameters["top_k"] == 3 and backfill.parameters["top_k"] == 3
     assert "source" not in backfill.parameters
     assert maintain.parameters == {"output": "s3://b/out"}
+
+
+def test_serve_takes_the_runner_options_inmap_label_takes(monkeypatch, capsys):
+    """The serving process's runner flags are RunnerOptions' (as `inmap label` has them), and
+    what it is given reaches its served runs through the INMAP_* variables they read."""
+    from deployments import serve
+    from inmap.options import RunnerOptions
+
+    for variable in RunnerOptions.ENVIRONMENT.values():
+        monkeypatch.setenv(variable, "")  # so that the test's exports are undone after it
+    flags = {a.dest: a.option_strings for a in serve.parser()._actions}
+    for name in RunnerOptions.model_fields:
+        assert flags[name] == [f"--{name.replace('_', '-')}"], name
+    runner = RunnerOptions.parse({"dask_address": "tcp://gpu-node:8786", "dask_gpus": True})
+    build_deployments(parameters={"output": "s3://b/out"}, runner=runner)
+    import os
+
+    served = RunnerOptions.from_environment(os.environ)  # what a served run reads
+    assert (served.runner, served.dask_address, served.dask_gpus) == ("dask", "tcp://gpu-node:8786",
+                                                                     True)  # fmt: skip
+    # A bad value is one line and exit 2, before anything is served.
+    for argv, message in [
+        (["--dask-workers", "0"], "--dask-workers"),
+        (["--task-runner", "thread", "--dask-gpus"], "--task-runner dask"),
+    ]:
+        try:
+            serve.main(argv)
+        except SystemExit as stop:
+            assert stop.code == 2, argv
+        else:
+            raise AssertionError(f"{argv} was served")
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
