@@ -19,9 +19,6 @@ import logging
 import os
 import sys
 import warnings
-from dataclasses import fields
-
-from inmap.config import ProxyConfig
 
 # Prefect's embedded server gets this long to start (its default, 20 s, is too short on a busy
 # laptop); a user's own setting wins.
@@ -145,10 +142,9 @@ LABEL_EXAMPLES = (
 
 
 def _label_arguments(parser: argparse.ArgumentParser) -> None:
-    from inmap.config import ProxyConfig
-    from inmap.options import RunnerOptions, RunRequest
+    from inmap.options import MethodOptions, RunnerOptions, RunRequest
 
-    hyperparameters = {item.name for item in fields(ProxyConfig)} | {"precision"}
+    hyperparameters = set(MethodOptions.model_fields)
     first = ("source", "classes", "output")
     add_options(parser, RunRequest, positional="source", only=first)
     add_options(parser, RunRequest, skip={*first, *hyperparameters})
@@ -439,104 +435,63 @@ def _maintain_command(args: argparse.Namespace) -> int:
 
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
-    from inmap.evaluate import DEFAULT_METHODS, SCENARIOS, ZERO_SHOT
+    from inmap.options import EncoderOptions, EvalRequest, MethodOptions
 
-    parser.add_argument(
-        "source",
-        help="labelled features (.npz, Parquet file or folder) or a folder of labelled images "
-        "(class per sub-folder, or nXXXXXXXX_<class>.JPEG names)",
-    )
-    parser.add_argument(
-        "--classes",
-        default=None,
-        help="class names: a text file (one per line) or JSON list; default the npz's classnames "
-        "or the distinct labels",
-    )
-    parser.add_argument(
-        "--scenarios",
-        default=",".join(SCENARIOS),
-        help="comma-separated drops to draw (default all): "
-        + "; ".join(f"{k}: {v}" for k, v in SCENARIOS.items()).replace("%", "%%"),
-    )
-    parser.add_argument("--seeds", type=int, default=5, help="drops per scenario (default 5)")
-    parser.add_argument("--first-seed", type=int, default=0, help="seed of the first drop")
-    parser.add_argument(
-        "--methods",
-        default=",".join(DEFAULT_METHODS),
-        help=f"comma-separated: {ZERO_SHOT} and refine= values such as adaptive, sinkhorn, none "
-        f"(default {','.join(DEFAULT_METHODS)})",
-    )
-    parser.add_argument(
-        "--text-proxy",
-        default=None,
-        help=".npy (C, d) zero-shot weights in class order, instead of building them with --model",
-    )
-    parser.add_argument("--iters", type=int, default=None, help="proxy-learning iterations")
-    parser.add_argument("--model", default=None, help="open_clip model, for images or text")
-    parser.add_argument(
-        "--pretrained",
-        default="default",
-        help="pretrained tag, checkpoint path, or 'none' for random weights",
-    )
-    parser.add_argument("--templates", default="paper", help="'paper', 'openai' or a JSON list")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per model batch")
-    parser.add_argument(
-        "--open-set",
-        action="store_true",
-        help="also draw drops where some classes are unlisted, and report how well "
-        "unknown_score separates them (AUROC) and what the label-free threshold flags",
-    )
-    parser.add_argument(
-        "--vocabulary",
-        type=float,
-        default=None,
-        help="with --open-set: classes held out as the negative vocabulary, a count or a share "
-        "below 1 (default: half the classes)",
-    )
+    own = set(EvalRequest.model_fields) - set(EncoderOptions.model_fields)
+    own -= set(MethodOptions.model_fields)
+    add_options(parser, EvalRequest, positional="source", only=own)
+    add_options(parser.add_argument_group("model"), EncoderOptions)
+    hyper = parser.add_argument_group("InMaP hyper-parameters (the paper's by default)")
+    add_options(hyper, MethodOptions, skip={"refine", "precision"})  # --methods names refinements
+    from inmap.evaluate import SCENARIOS
+
+    parser.epilog = "scenarios: " + "; ".join(f"{k}: {v}" for k, v in SCENARIOS.items())
 
 
 def _eval_command(args: argparse.Namespace) -> int:
     """Print the table of top-1 per scenario and method."""
     from inmap.classes import read_classes
-    from inmap.evaluate import SCENARIOS, ZERO_SHOT, format_table, run_eval
+    from inmap.evaluate import DEFAULT_METHODS, SCENARIOS, ZERO_SHOT, format_table, run_eval
     from inmap.labeled import Embedder, EvalInputError, load_labeled_set
+    from inmap.options import EvalRequest
     from inmap.proxy import PSEUDO_LABELERS
 
-    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    given = {name: getattr(args, name) for name in EvalRequest.model_fields if name in args}
+    request = EvalRequest.parse(given, flags=True)
+    scenarios = _listed(request.scenarios, SCENARIOS)
+    methods = _listed(request.methods, DEFAULT_METHODS)
     unknown = [s for s in scenarios if s not in SCENARIOS]
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown += [m for m in methods if m != ZERO_SHOT and m not in PSEUDO_LABELERS]
     if unknown:
         raise EvalInputError(
             f"unknown scenario or method {', '.join(unknown)}; scenarios: {', '.join(SCENARIOS)}; "
             f"methods: {ZERO_SHOT}, {', '.join(PSEUDO_LABELERS)}"
         )
-    templates = (
-        _json(args.templates, "--templates") if args.templates.startswith("[") else args.templates
-    )
     labeled = load_labeled_set(
-        args.source,
-        classes=read_classes(args.classes) if args.classes else None,
-        text_proxy=args.text_proxy,
+        request.source,
+        classes=read_classes(request.classes) if request.classes else None,
+        text_proxy=request.text_proxy,
         embedder=Embedder(
-            model=args.model,
-            pretrained=args.pretrained,
-            device=args.device,
-            templates=templates if isinstance(templates, str) else tuple(templates),
-            batch_size=args.batch_size,
+            model=request.model,
+            pretrained=request.pretrained,
+            device=request.device,
+            templates=request.templates
+            if isinstance(request.templates, str)
+            else tuple(request.templates),
+            batch_size=request.batch_size,
         ),
     )
-    config = ProxyConfig() if args.iters is None else ProxyConfig(iters=args.iters)
+    config = request.hyperparameters
+    seeds = range(request.first_seed, request.first_seed + request.seeds)
     print(
         f"{len(labeled.labels)} labelled images, {len(labeled.classnames)} classes; "
-        f"{len(scenarios)} scenarios x {args.seeds} seeds from seed {args.first_seed}",
+        f"{len(scenarios)} scenarios x {request.seeds} seeds from seed {request.first_seed}",
         file=sys.stderr,
     )
     table = run_eval(
         labeled,
         scenarios=scenarios,
-        seeds=range(args.first_seed, args.first_seed + args.seeds),
+        seeds=seeds,
         methods=methods,
         config=config,
         progress=lambda r: print(
@@ -546,13 +501,13 @@ def _eval_command(args: argparse.Namespace) -> int:
         ),
     )
     print(format_table(table))
-    if args.open_set:
+    if request.open_set:
         from inmap.evaluate import OPEN_SET_VOCABULARY, format_open_set_table, run_open_set_eval
 
-        vocabulary = OPEN_SET_VOCABULARY if args.vocabulary is None else args.vocabulary
+        vocabulary = OPEN_SET_VOCABULARY if request.vocabulary is None else request.vocabulary
         open_set = run_open_set_eval(
             labeled,
-            seeds=range(args.first_seed, args.first_seed + args.seeds),
+            seeds=seeds,
             vocabulary=int(vocabulary) if vocabulary >= 1 else vocabulary,
             config=config,
             progress=lambda r: print(
@@ -563,6 +518,13 @@ def _eval_command(args: argparse.Namespace) -> int:
         )
         print(format_open_set_table(open_set))
     return 0
+
+
+def _listed(text: str | None, default) -> list[str]:
+    """The names of a comma-separated option, or all of `default`."""
+    if text is None:
+        return list(default)
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 # --- plumbing ------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Every option, declared once: its name, type, default, bounds or choices, and help.
 
 Everything else is derived from these models:
-- the `inmap label` and `inmap maintain` flags (`inmap.cli` walks the fields);
+- the `inmap label`, `inmap maintain` and `inmap eval` flags, and those of
+  `python -m deployments.serve` (`inmap.cli.add_options` walks the fields); `label` and `eval`
+  share the model (`EncoderOptions`) and the method (`MethodOptions`);
 - the flows' parameters, and so a deployment's parameter schema, which Prefect checks when a run
   is created (`takes_options` gives a flow the signature of a model);
 - the `Job` (`inmap.job.Job.settings` is a `RunOptions`).
@@ -70,8 +72,8 @@ class StorageAccess(Options):
         return refuse_secrets(value) or None  # the one boundary where secrets are refused
 
 
-class RunOptions(StorageAccess):
-    """How a run labels: the model, the method, the batching and the bookkeeping."""
+class EncoderOptions(Options):
+    """The CLIP model that embeds images and class names, and where it runs."""
 
     model: str = Field(DEFAULT_MODEL, description="open_clip model name, or hf-hub:org/repo")
     pretrained: str | None = Field(
@@ -87,10 +89,38 @@ class RunOptions(StorageAccess):
         description="auto, cpu, cuda or cuda:N, for every stage; auto is decided where the work "
         "runs",
     )
+    batch_size: int = Field(64, ge=1, description="images per model batch")
+
+    @field_validator("templates", mode="before")
+    @classmethod
+    def _templates(cls, value):
+        value = _json_text(value, "templates") if str(value).startswith("[") else value
+        if isinstance(value, (list, tuple)) and not all(
+            isinstance(t, str) and "{}" in t for t in value
+        ):
+            raise ValueError("every template must be a string with {} where the class name goes")
+        return list(value) if isinstance(value, tuple) else value
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device(cls, value):
+        if not isinstance(value, str) or not re.match(DEVICE_PATTERN, value):
+            raise ValueError("use auto, cpu, mps, cuda or cuda:N")
+        return value
+
+    @field_validator("pretrained", mode="before")
+    @classmethod
+    def _pretrained(cls, value):
+        return None if value is None or str(value).strip().lower() in ("", "none") else value
+
+
+class MethodOptions(Options):
+    """InMaP's hyper-parameters (the paper's by default, from ProxyConfig) and the arithmetic
+    of the fit."""
+
     precision: Literal[PRECISIONS] = Field(
         "float32", description="proxy-learning arithmetic; tf32/bf16 are faster on GPUs"
     )
-    # The method's hyper-parameters: defaults are the paper's, from ProxyConfig.
     tau_t: float = Field(ProxyConfig.tau_t, gt=0, description="temperature of the pseudo-labels")
     tau_i: float = Field(ProxyConfig.tau_i, gt=0, description="temperature of the proxy softmax")
     alpha: float = Field(
@@ -107,8 +137,16 @@ class RunOptions(StorageAccess):
         description="pseudo-label refinement: adaptive is safe on skewed drops, sinkhorn is the "
         "paper's",
     )
+
+    @property
+    def hyperparameters(self) -> ProxyConfig:
+        return ProxyConfig(**{f.name: getattr(self, f.name) for f in fields(ProxyConfig)})
+
+
+class RunOptions(MethodOptions, EncoderOptions, StorageAccess):
+    """How a run labels: the model, the method, the batching and the bookkeeping."""
+
     shard_size: int = Field(2000, ge=1, description="images per embedding shard")
-    batch_size: int = Field(64, ge=1, description="images per model batch")
     max_train_images: int | None = Field(
         200_000, ge=1, description="learn the proxy on a uniform sample above this many images"
     )
@@ -136,32 +174,6 @@ class RunOptions(StorageAccess):
         description="auto: flag images that look like none of the classes (is_unknown), with a "
         "threshold chosen from the drop; unknown_score is written either way",
     )
-
-    @field_validator("templates", mode="before")
-    @classmethod
-    def _templates(cls, value):
-        value = _json_text(value, "templates") if str(value).startswith("[") else value
-        if isinstance(value, (list, tuple)) and not all(
-            isinstance(t, str) and "{}" in t for t in value
-        ):
-            raise ValueError("every template must be a string with {} where the class name goes")
-        return list(value) if isinstance(value, tuple) else value
-
-    @field_validator("device", mode="before")
-    @classmethod
-    def _device(cls, value):
-        if not isinstance(value, str) or not re.match(DEVICE_PATTERN, value):
-            raise ValueError("use auto, cpu, mps, cuda or cuda:N")
-        return value
-
-    @field_validator("pretrained", mode="before")
-    @classmethod
-    def _pretrained(cls, value):
-        return None if value is None or str(value).strip().lower() in ("", "none") else value
-
-    @property
-    def hyperparameters(self) -> ProxyConfig:
-        return ProxyConfig(**{f.name: getattr(self, f.name) for f in fields(ProxyConfig)})
 
 
 class RunRequest(RunOptions):
@@ -192,6 +204,48 @@ class RunRequest(RunOptions):
     @property
     def settings(self) -> RunOptions:
         return RunOptions.model_validate(self.model_dump(include=set(RunOptions.model_fields)))
+
+
+class EvalRequest(MethodOptions, EncoderOptions):
+    """`inmap eval`: skewed (and open-set) drops of a labelled set, top-1 per method. The model
+    options matter only where images or class names must be embedded; `refine` is not one of
+    them, since --methods names the refinements compared."""
+
+    source: str = Field(
+        description="labelled features (.npz, Parquet file or folder) or a folder of labelled "
+        "images (class per sub-folder, or nXXXXXXXX_<class>.JPEG names)"
+    )
+    classes: str | None = Field(
+        None,
+        description="class names: a text file (one per line) or JSON list; default the npz's "
+        "classnames or the distinct labels",
+    )
+    scenarios: str | None = Field(
+        None, description="comma-separated drops to draw (default all, listed below)"
+    )
+    seeds: int = Field(5, ge=1, description="drops per scenario")
+    first_seed: int = Field(0, ge=0, description="seed of the first drop")
+    methods: str | None = Field(
+        None,
+        description="comma-separated: zero-shot and refine= values such as adaptive, sinkhorn, "
+        "none (default zero-shot,sinkhorn,adaptive)",
+    )
+    text_proxy: str | None = Field(
+        None,
+        description=".npy (C, d) zero-shot weights in class order, instead of building them with "
+        "--model",
+    )
+    open_set: bool = Field(
+        False,
+        description="also draw drops where some classes are unlisted, and report how well "
+        "unknown_score separates them (AUROC) and what the label-free threshold flags",
+    )
+    vocabulary: float | None = Field(
+        None,
+        ge=0,
+        description="with --open-set: classes held out as the negative vocabulary, a count or a "
+        "share below 1 (default: half the classes)",
+    )
 
 
 class MaintainRequest(StorageAccess):

@@ -40,6 +40,36 @@ def test_every_label_flag_is_a_declared_option_and_every_option_a_flag():
             assert f"(default: {field.default})" in action.help, name
 
 
+def test_every_eval_flag_is_a_declared_option_and_every_option_a_flag():
+    """`inmap eval` shares the model and method options with `inmap label`: one declaration."""
+    from inmap.options import EncoderOptions, EvalRequest, MethodOptions
+
+    # --methods names the refinements compared; the fit's arithmetic is not eval's to choose.
+    declared = {
+        n: f for n, f in EvalRequest.model_fields.items() if n not in ("refine", "precision")
+    }
+    shared = {*EncoderOptions.model_fields, *MethodOptions.model_fields}
+    flags = flags_of("eval")
+    assert set(flags) - {"--help"} == {n if n == "source" else flag(n) for n in declared}
+    label = flags_of("label")
+    for name, field in declared.items():
+        action = flags[name if name == "source" else flag(name)]
+        assert field.description.split(",")[0].replace("%", "%%") in action.help, name
+        if name in shared:  # the same option reads the same in both commands
+            assert action.help == label[flag(name)].help, name
+    for argv, said in [
+        (["--seeds", "0"], "--seeds: must be >= 1, got 0"),
+        (["--tau-t", "-1"], "--tau-t: must be > 0, got -1.0"),
+        (["--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
+        (["--vocabulary", "-2"], "--vocabulary: must be >= 0, got -2.0"),
+    ]:
+        done = subprocess.run(
+            [sys.executable, "-m", "inmap.cli", "eval", "features.npz", *argv],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 2 and done.stderr.strip() == f"inmap: error: {said}", done.stderr
+
+
 def test_the_flows_parameters_are_the_declaration():
     from flows.inmap_flow import inmap_flow
     from flows.maintain_flow import maintain_flow
