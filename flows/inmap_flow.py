@@ -153,7 +153,7 @@ def _label_request(request: RunRequest) -> list[RunSummary]:
     get_run_logger().info("task runner: %s", type(runner).__name__)
     _check_cluster(runner, job, partitions)
     summaries, failures = [], []
-    with _held_lease(job, request.lease_wait) as job:
+    with _held_lease(job, request.lease_wait, request.lease_ttl) as job:
         stages.tidy_output(job)
         for number, prefix in enumerate(partitions):
             partition_id = run_id if len(partitions) == 1 else f"{run_id}-p{number:04d}"
@@ -181,11 +181,11 @@ def _check_cluster(runner, job: Job, partitions: list[str]) -> None:
 
 
 @contextmanager
-def _held_lease(job: Job, wait: float):
+def _held_lease(job: Job, wait: float, ttl: float):
     """Hold the output's lease in this (the flow's) process for the whole run; tasks check it
     before committing. The block's secrets are loaded here for the lease alone."""
     options = credentials.attach(job).options
-    held = lease.acquire(job.output, job.run_id, options, wait=wait)
+    held = lease.acquire(job.output, job.run_id, options, wait=wait, ttl=ttl)
     if held.previous is not None:  # a run that died holding it never recorded itself
         try:
             maintenance.record_interrupted_run(job.output, held.previous, job.run_id, options)

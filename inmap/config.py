@@ -14,6 +14,11 @@ PRECISIONS = ("float32", "tf32", "bf16")
 # The pseudo-label refinements a run can choose (inmap.proxy.PSEUDO_LABELERS implements them).
 REFINEMENTS = ("adaptive", "sinkhorn", "none")
 
+# The run lease on an output (inmap.lease): how long a lease lives past its last renewal (how soon
+# a killed run is taken over), and how long a second run waits for the holder.
+LEASE_TTL = 90.0
+LEASE_WAIT = 300.0
+
 
 @dataclass(frozen=True)
 class ProxyConfig:

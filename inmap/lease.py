@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
 from inmap import layout, storage
+from inmap.config import LEASE_TTL, LEASE_WAIT
 from inmap.errors import (
     MissingBucketError,
     NotFound,
@@ -34,8 +35,8 @@ from inmap.errors import (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TTL = 90.0  # seconds a lease lives without renewal: how soon a killed run is taken over
-DEFAULT_WAIT = 300.0  # how long a second run waits for the holder before giving up
+DEFAULT_TTL = LEASE_TTL  # seconds a lease lives unrenewed: how soon a killed run is taken over
+DEFAULT_WAIT = LEASE_WAIT  # how long a second run waits for the holder before giving up
 POLL_SECONDS = 2.0
 
 

@@ -23,7 +23,15 @@ from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origi
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 
-from inmap.config import DEFAULT_MODEL, DEFAULT_PRETRAINED, PRECISIONS, REFINEMENTS, ProxyConfig
+from inmap.config import (
+    DEFAULT_MODEL,
+    DEFAULT_PRETRAINED,
+    LEASE_TTL,
+    LEASE_WAIT,
+    PRECISIONS,
+    REFINEMENTS,
+    ProxyConfig,
+)
 from inmap.credentials import STORAGE_OPTIONS_SCHEMA, refuse_secrets
 from inmap.errors import OptionError
 
@@ -167,7 +175,13 @@ class RunOptions(MethodOptions, EncoderOptions, StorageAccess):
         256_000_000, ge=1, description="decoded pixels in flight across decode threads"
     )
     lease_wait: float = Field(
-        300.0, ge=0, description="seconds to wait for another run on the same output"
+        LEASE_WAIT, ge=0, description="seconds to wait for another run on the same output"
+    )
+    lease_ttl: float = Field(
+        LEASE_TTL,
+        ge=10,
+        description="seconds this run's lease outlives its last renewal (renewed every third of "
+        "it): how soon the next run may take over the output if this one is killed",
     )
     unknown: Literal["off", "auto"] = Field(
         "off",
