@@ -348,7 +348,7 @@ def flag_figures(unlisted: np.ndarray, flagged: np.ndarray) -> FlagFigures:
 OPEN_SET_SCORES: dict[str, str] = {
     "mcm": f"zero-shot maximum softmax, τ {MCM_TAU} (MCM, the baseline)",
     "proxy": "the vision proxy's maximum softmax, τ_i",
-    "ours, no vocabulary": "inmap.unknown_scores without a vocabulary (MCM at τ 0.02)",
+    "ours, no vocabulary": "inmap.unknown_scores without a vocabulary (MCM at τ 0.015)",
     "vocabulary mass": "softmax mass on the vocabulary, τ 0.01 (NegLabel-like)",
     "ours": "inmap.unknown_scores with the vocabulary (the default)",
     "ours + proxy": "inmap.unknown_scores with the vocabulary, proxy_weight 0.5",
