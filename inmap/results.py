@@ -103,11 +103,11 @@ def latest_labels(
 
 def labels_text(table: pa.Table) -> str:
     flags = "is_unknown" in table.schema.names and table["is_unknown"].null_count < len(table)
-    rows = [
-        [row["uri"], row["label"], f"{row['score']:.3f}", row["zero_shot_label"],
-         f"{row['zero_shot_score']:.3f}"] + (["unknown" if row["is_unknown"] else ""] * flags)
-        for row in table.to_pylist()
-    ]  # fmt: skip
+    rows = []
+    for row in table.to_pylist():  # a table older than open-set runs has no is_unknown
+        cells = [row["uri"], row["label"], f"{row['score']:.3f}", row["zero_shot_label"],
+                 f"{row['zero_shot_score']:.3f}"]  # fmt: skip
+        rows.append(cells + (["unknown" if row["is_unknown"] else ""] if flags else []))
     head = ["uri", "label", "score", "zero-shot label", "zero-shot score"] + ["none of"] * flags
     text = _format(head, rows)
     return f"{text}\n{table.num_rows} image(s)"
@@ -185,6 +185,8 @@ def _format(head: list[str], rows: list[list[str]]) -> str:
     table = Table(*head, box=None, show_edge=False, pad_edge=False)
     for row in rows:  # Text: a key such as `dir [x]/a.jpg` is shown as it is, never as markup
         table.add_row(*(Text(str(cell)) for cell in row))
-    console = Console(file=io.StringIO(), width=200, color_system=None)
+    # As wide as the widest row needs: a uri is never cut short or wrapped, whatever the
+    # terminal (a narrower one wraps the lines itself).
+    console = Console(file=io.StringIO(), width=100_000, color_system=None)
     console.print(table)
-    return console.file.getvalue().rstrip()
+    return "\n".join(line.rstrip() for line in console.file.getvalue().rstrip().splitlines())

@@ -73,3 +73,22 @@ def test_summary_is_one_runs_row_and_a_markdown_report():
     text = summary.markdown()
     assert "Vision proxy `p1` reused: within 10%." in text and "**Warning:** careful" in text
     assert summary.line().startswith("s3://b/drops: 4 predicted")
+
+
+def test_the_labels_table_shows_every_uri_whole_however_long():
+    """A table goes to a terminal, a file or a pipe: a long key is never cut or wrapped."""
+    import pyarrow as pa
+
+    from inmap.results import labels_text
+
+    long = "s3://bucket/" + "/".join(f"drop [{n}] with a long folder name" for n in range(8))
+    uris = [f"{long}/image-{n}.jpg" for n in range(2)] + ["short.jpg"]
+    table = pa.Table.from_pylist([
+        {"uri": uri, "label": "dog", "score": 0.9, "zero_shot_label": "cat",
+         "zero_shot_score": 0.5} for uri in uris
+    ])  # fmt: skip
+    lines = labels_text(table).splitlines()
+    assert len(lines) == 1 + len(uris) + 1  # head, one line per image, the count
+    for uri, line in zip(uris, lines[1:], strict=False):
+        assert line.startswith(uri + " ") and line.split()[-4:] == ["dog", "0.900", "cat", "0.500"]
+    assert all(line == line.rstrip() for line in lines)
