@@ -31,8 +31,8 @@ def recent_runs(output: str, storage_options: dict | None = None, *, limit: int 
 def runs_text(runs: pa.Table) -> str:
     if runs.num_rows == 0:
         return "no runs recorded"
-    rows = []
-    for run in runs.to_pylist():
+    rows, notes = [], []  # notes: lines under a run's row, outside the columns
+    for run in runs.to_pylist():  # an interrupted run's row has only its times and its error
         seconds = sum(json.loads(run["stage_seconds"] or "{}").values())
         proxy = run["proxy_id"] or "-"
         if run["proxy_id"]:
@@ -41,25 +41,32 @@ def runs_text(runs: pa.Table) -> str:
             [
                 f"{run['started_at']:%Y-%m-%d %H:%M:%S}",
                 run["status"],
-                run["source"],
-                str(run["listed"]),
-                str(run["embedded"]),
-                str(run["cached"]),
-                str(run["failed"] + run["unreadable"]),
-                str(run["predicted"]),
+                run["source"] or "-",
+                _count(run["listed"]),
+                _count(run["embedded"]),
+                _count(run["cached"]),
+                _count(run["failed"], run["unreadable"]),
+                _count(run["predicted"]),
                 proxy,
-                run["labelset"],
-                f"{seconds:.0f}s",
+                run["labelset"] or "-",
+                f"{seconds:.0f}s" if run["stage_seconds"] else "-",
             ]
         )
+        note = []
         if run["proxy_reason"]:
             why = "learned, as" if run["proxy_learned"] else "reused, as"
-            rows.append(["", "", f"  proxy {why} {run['proxy_reason'][:200]}"] + [""] * 8)
+            note.append(f"proxy {why} {run['proxy_reason'][:200]}")
         if run["error"]:
-            rows.append(["", "", f"  error: {run['error'][:200]}"] + [""] * 8)
+            note.append(f"error: {run['error'][:200]}")
+        notes.append(note)
     head = ["started (UTC)", "status", "source", "listed", "embedded", "cached", "failed",
             "predicted", "proxy", "labelset", "time"]  # fmt: skip
-    return _format(head, rows)
+    head_line, *lines = _format(head, rows).splitlines()  # one line per row: cells are one line
+    indent = " " * (head_line.index("status") + 2)  # under the status column
+    out = [head_line]
+    for line, note in zip(lines, notes, strict=True):
+        out += [line, *(indent + text for text in note)]
+    return "\n".join(out)
 
 
 OPEN_SET_COLUMNS = ["unknown_score", "is_unknown"]  # absent from tables older than open-set runs
@@ -166,6 +173,16 @@ def errors_text(errors: pa.Table, limit: int | None = None) -> str:
     )
 
 
+def _one_line(text: str) -> str:
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _count(*counts: int | None) -> str:
+    """A count, or the sum of several; "-" where the run recorded none."""
+    known = [count for count in counts if count is not None]
+    return str(sum(known)) if known else "-"
+
+
 def _flat(table: pa.Table) -> pa.Table:
     """CSV has no lists or structs: such a column becomes its JSON text."""
     for index, column in enumerate(table.columns):
@@ -183,8 +200,9 @@ def _format(head: list[str], rows: list[list[str]]) -> str:
     from rich.text import Text
 
     table = Table(*head, box=None, show_edge=False, pad_edge=False)
-    for row in rows:  # Text: a key such as `dir [x]/a.jpg` is shown as it is, never as markup
-        table.add_row(*(Text(str(cell)) for cell in row))
+    for row in rows:  # Text: a key such as `dir [x]/a.jpg` is shown as it is, never as markup;
+        # a line break in a key is shown escaped, so that every row is one line
+        table.add_row(*(Text(_one_line(str(cell))) for cell in row))
     # As wide as the widest row needs: a uri is never cut short or wrapped, whatever the
     # terminal (a narrower one wraps the lines itself).
     console = Console(file=io.StringIO(), width=100_000, color_system=None)

@@ -69,6 +69,12 @@ def test_a_run_that_died_holding_the_lease_is_recorded_as_interrupted(tmp_path):
     runs = report.read_runs(output).to_pylist()
     assert [(r["run_id"], r["status"]) for r in runs] == [("dead-run", "interrupted")]
     assert f"pid {expired.pid}" in runs[0]["error"] and "next-run" in runs[0]["error"]
+    # `inmap runs` shows the row: no counts, no source, the error.
+    from inmap.results import recent_runs, runs_text
+
+    shown = runs_text(recent_runs(output)).splitlines()
+    assert shown[1].split()[2:] == ["interrupted", "-", "-", "-", "-", "-", "-", "-", "-", "-"]
+    assert shown[2].strip().startswith("error: interrupted: its process")
 
     with lease.acquire(output, "after-a-clean-release", wait=0) as third:
         assert third.previous is None  # "next-run" released its lease: nothing died

@@ -92,3 +92,7 @@ def test_the_labels_table_shows_every_uri_whole_however_long():
     for uri, line in zip(uris, lines[1:], strict=False):
         assert line.startswith(uri + " ") and line.split()[-4:] == ["dog", "0.900", "cat", "0.500"]
     assert all(line == line.rstrip() for line in lines)
+    # A line break in a key (S3 allows one) is shown escaped: still one line per image.
+    table = table.set_column(0, "uri", pa.array(["odd\nkey.jpg", "b.jpg", "c.jpg"]))
+    lines = labels_text(table).splitlines()
+    assert len(lines) == 5 and lines[1].startswith("odd\\nkey.jpg ")
