@@ -205,11 +205,11 @@ def test_kill_9_at_any_stage_then_rerun_gives_one_row_per_image_and_the_same_lab
     for point, (process, log) in reruns.items():
         code, text = finish(process, log)
         assert code == 0, f"{point}: {text[-4000:]}"
+        output = tmp_path / point
         # It waited for the killed run's lease (or found it lapsed) and took it over: only then is
         # the dead holder recorded as interrupted.
         runs = read_delta(output / "runs")
         assert sorted(runs["status"]) == ["completed", "interrupted"], f"{point}: {runs}"
-        output = tmp_path / point
         predictions = read_delta(output / "predictions")
         assert predictions.height == KILL_IMAGES and one_row_per_image(predictions), point
         assert labels_of(predictions) == expected, point
