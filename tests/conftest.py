@@ -54,6 +54,12 @@ def real_images() -> list[Path]:
     return sorted(folder.glob("*.JPEG"))
 
 
+def prefect_server_command(port: int) -> list[str]:
+    """`prefect server start` on 127.0.0.1:`port`, without the UI or analytics."""
+    return [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+            "--port", str(port), "--no-ui", "--analytics-off"]  # fmt: skip
+
+
 def free_port() -> int:
     import socket
 
@@ -189,19 +195,7 @@ def prefect_server(tmp_path):
     }
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "prefect",
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-ui",
-            "--analytics-off",
-        ],
+        prefect_server_command(port),
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -25,7 +25,15 @@ import pytest
 import s3fs
 
 from inmap import cluster
-from tests.conftest import REPO_ROOT, api_request, free_port, http_ok, read_delta, wait_for
+from tests.conftest import (
+    REPO_ROOT,
+    api_request,
+    free_port,
+    http_ok,
+    prefect_server_command,
+    read_delta,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -97,19 +105,7 @@ def prefect_api(processes, tmp_path_factory) -> str:
     port = free_port()
     server = processes.start(
         "prefect-server",
-        [
-            sys.executable,
-            "-m",
-            "prefect",
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-ui",
-            "--analytics-off",
-        ],
+        prefect_server_command(port),
         base_env(home),
         home,
     )
