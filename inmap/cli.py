@@ -28,7 +28,9 @@ EXIT_FAILED = 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    _Parser.given, _Parser.root = list(sys.argv[1:] if argv is None else argv), parser
+    args = parser.parse_args(argv)
     _prefect_defaults()
     if args.command == "label" and _embedded_api():
         ANSWER.hold_until_exit()
@@ -44,22 +46,30 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but an unknown option is one line that names the nearest known one."""
+    """argparse, but a mistake is one line: an unknown option names the nearest known one, even
+    when it also left a required option missing (`--clases` for `--classes`)."""
+
+    given: list[str] = []  # the command line being parsed (set by `main`)
+    root: argparse.ArgumentParser | None = None
 
     def error(self, message: str):
         import difflib
-        import re
 
-        if message.startswith("unrecognized arguments:"):
-            known = {flag for parser in _parsers(self) for action in parser._actions
-                     for flag in action.option_strings}  # fmt: skip
-            for typo in re.findall(r"(--[\w-]+)", message):
+        known = {flag for parser in _parsers(self.root or self) for action in parser._actions
+                 for flag in action.option_strings}  # fmt: skip
+        typos = [word.split("=", 1)[0] for word in self.given if word.startswith("--")]
+        # A prefix of a known flag is argparse's abbreviation, not a typo.
+        typos = [typo for typo in typos if not any(flag.startswith(typo) for flag in known)]
+        if typos or message.startswith("unrecognized arguments:"):
+            if not message.startswith("unrecognized arguments:"):
+                message = f"unrecognized arguments: {' '.join(typos)}"
+            for typo in typos:
                 near = difflib.get_close_matches(typo, known, n=1)
                 if near:
                     message += f" (did you mean {near[0]}?)"
             message += "; see inmap COMMAND --help"
-            self.exit(2, f"{self.prog}: error: {message}\n")
-        super().error(message)
+            self.exit(2, f"inmap: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")  # no usage dump
 
 
 def _parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:

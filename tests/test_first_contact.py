@@ -201,3 +201,19 @@ def test_a_misspelt_option_is_one_line_naming_the_nearest(capsys):
         "inmap: error: unrecognized arguments: --batch-sise 3 (did you mean --batch-size?); "
         "see inmap COMMAND --help"
     ]
+
+
+def test_a_misspelt_required_option_is_named_not_reported_missing(capsys):
+    """`--clases` also leaves --classes missing: the line names the typo, not the absence."""
+    for argv, said in [
+        (["label", "x", "--clases", "c", "--output", "o"],
+         "inmap: error: unrecognized arguments: --clases (did you mean --classes?); "
+         "see inmap COMMAND --help"),
+        (["label", "x", "--class", "c"],  # an abbreviation argparse takes; --output is missing
+         "inmap label: error: the following arguments are required: --output; "
+         "see inmap label --help"),
+    ]:  # fmt: skip
+        with pytest.raises(SystemExit) as exit:
+            main(argv)
+        assert exit.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines() == [said], argv
